@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache, behind one narrow interface.
+
+A step's batch is flat and variable-length: the tokens of every scheduled sequence are
+concatenated (prefill chunks and single decode tokens mixed), and ``AttentionMetadata`` says
+where each sequence starts, how long its whole context is and which cache blocks hold it.
+Two implementations sit behind ``AttentionBackend``: the plain-torch reference (the CPU path and
+the oracle for tests) and the Triton kernels (CUDA), chosen by device.
+
+KV cache layout, per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 is
+K, 1 is V). A token at position ``p`` of a sequence lives in slot
+``block_table[p // block_size] * block_size + p % block_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pagedserve.kernels import kv_cache as kv_cache_ops
+from pagedserve.kernels import paged_attention as paged_attention_ops
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch layout, shared by every layer.
+
+    Tensors are on the model's device; the ``*_cpu`` lists are host copies the torch path
+    uses to slice without device syncs.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64; -1 marks padding tokens (not written)
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step (cached + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(Protocol):
+    """Writes this step's K/V into the cache, then attends each query to its context."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+class TorchAttentionBackend:
+    """Plain torch: the CPU path and the reference the Triton kernels are tested against."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        kv_cache_ops.write_kv_cache_ref(k, v, kv_cache, metadata.slot_mapping)
+        return paged_attention_ops.paged_attention_ref(
+            q,
+            kv_cache,
+            metadata.block_tables,
+            metadata.query_lens_cpu,
+            metadata.seq_lens_cpu,
+            scale,
+        )
+
+
+def get_attention_backend(device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA, the torch reference elsewhere."""
+    if device.type == "cuda":
+        from pagedserve.backend.runner.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()

@@ -1,0 +1,89 @@
+"""Per-request sampling and stopping parameters, validated once at admission."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.backend.errors import InvalidRequestError
+
+# Largest number of top logprobs a request may ask for per token.
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    ``temperature=0`` is greedy. ``top_k=-1`` and ``top_p=1`` switch those filters off. Penalties
+    follow the common definitions: ``repetition_penalty`` divides positive logits (multiplies
+    negative ones) of every token seen in prompt or output; ``presence_penalty`` and
+    ``frequency_penalty`` subtract from tokens already generated.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequestError naming the first bad field."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+            raise InvalidRequestError("top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            raise InvalidRequestError(
+                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
+            )
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise InvalidRequestError(
+                "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}"
+            )
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise InvalidRequestError(
+                "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequestError("seed", f"must be in [0, 2^63), got {self.seed}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise InvalidRequestError("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                "min_tokens", f"must not exceed max_tokens ({self.min_tokens} > {self.max_tokens})"
+            )
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise InvalidRequestError("stop", "stop strings must be non-empty")
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids", f"ids must be in [0, {vocab_size})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"
+            )
