@@ -1,0 +1,202 @@
+"""The asyncio front of the engine: requests in, async iterators of deltas out.
+
+The step loop runs in a dedicated thread, so a slow model step never stalls the event loop
+(gRPC I/O, health checks, cancellations). The loop thread owns every piece of engine state;
+the event loop talks to it only through a thread-safe inbox (adds, aborts) and receives deltas
+through ``call_soon_threadsafe`` into one asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, StepInfo
+from pagedserve.backend.engine.request import Request, RequestOutputDelta
+from pagedserve.backend.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    PagedServeError,
+    QueueFullError,
+)
+from pagedserve.backend.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+StepListener = Callable[[StepInfo], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.model_info: ModelInfo = engine.model_info
+        self.tokenizer = engine.tokenizer
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._lock = threading.Lock()  # guards _streams and the counters below
+        self._pending_adds = 0
+        self._load: LoadInfo = engine.get_load()
+        self._error: BaseException | None = None
+        self._step_listeners: list[StepListener] = []
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        """Blocking: loads the model and starts the engine thread."""
+        return cls(LLMEngine(config))
+
+    # -- public API (event-loop side) --------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.engine.render_chat(messages)
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """``listener(StepInfo)`` is called from the engine thread after every step."""
+        self._step_listeners.append(listener)
+
+    def get_load(self) -> LoadInfo:
+        return self._load
+
+    def generate(
+        self,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutputDelta]:
+        """Validate and enqueue now (raising typed errors); stream deltas from the iterator.
+
+        Closing or cancelling the iterator aborts the request and frees its blocks.
+        """
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine has stopped: {self._error}")
+        with self._lock:
+            if request_id and request_id in self._streams:
+                raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+            limit = self.engine.config.scheduler.max_queued_requests
+            if self._load.num_waiting + self._pending_adds >= limit:
+                raise QueueFullError(f"the waiting queue is full ({limit} requests)")
+            request = self.engine.make_request(
+                prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
+                request_id=request_id,
+            )
+            out: asyncio.Queue[Any] = asyncio.Queue()
+            self._streams[request.request_id] = (asyncio.get_running_loop(), out)
+            self._pending_adds += 1
+        self._inbox.put(("add", request))
+        self._wake.set()
+        return self._stream(request, out)
+
+    async def _stream(
+        self, request: Request, out: asyncio.Queue[Any]
+    ) -> AsyncIterator[RequestOutputDelta]:
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                deltas = self.engine.step()
+                self._load = self.engine.get_load()
+                self._deliver(deltas)
+                if self._step_listeners and self.engine.last_step is not None:
+                    for listener in self._step_listeners:
+                        listener(self.engine.last_step)
+        except BaseException as exc:  # the loop itself broke: fail everyone, clearly
+            logger.exception("engine loop died")
+            self._error = exc
+            self._fail_all(EngineDeadError(f"the engine loop died: {exc}"))
+            return
+        for request_id in list(self.engine.requests):
+            delta = self.engine.abort(request_id)
+            if delta is not None:
+                self._deliver([delta])
+        self._fail_all(EngineDeadError("the engine has shut down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._lock:
+                    self._pending_adds -= 1
+                try:
+                    self.engine.add_request(item)
+                except PagedServeError as exc:
+                    self._send(item.request_id, exc)
+            else:
+                delta = self.engine.abort(item)
+                if delta is not None:
+                    self._deliver([delta])
+        self._load = self.engine.get_load()
+
+    def _deliver(self, deltas: list[RequestOutputDelta]) -> None:
+        for delta in deltas:
+            self._send(delta.request_id, delta)
+
+    def _send(self, request_id: str, item: Any) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, out = target
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            targets = list(self._streams.items())
+        for _, (loop, out) in targets:
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, exc)
+            except RuntimeError:
+                pass

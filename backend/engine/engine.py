@@ -1,0 +1,256 @@
+"""The synchronous engine: admission, the step loop body, and request bookkeeping.
+
+``step()`` runs schedule -> execute -> process outputs once and returns the deltas of that step.
+The offline ``LLM`` calls it in a loop; ``AsyncEngine`` calls it from a dedicated thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.engine.block_manager import BlockManager
+from pagedserve.backend.engine.output import OutputProcessor
+from pagedserve.backend.engine.request import FinishReason, Request, RequestOutputDelta
+from pagedserve.backend.engine.scheduler import Scheduler
+from pagedserve.backend.errors import InvalidRequestError, RequestTooLongError
+from pagedserve.backend.runner.model_runner import ModelRunner
+from pagedserve.backend.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    dtype: str
+    device: str
+    eos_token_ids: list[int]
+
+
+@dataclass
+class StepInfo:
+    """What one engine step did, for telemetry (``engine.step`` spans, metrics)."""
+
+    start: float
+    end: float
+    request_ids: list[str]
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_preempted: int
+    kv_cache_usage: float
+
+
+@dataclass
+class LoadInfo:
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        loaded = self.runner.loaded
+        self.tokenizer: Any = loaded.tokenizer
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model.vocab_size
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.output = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.last_step: StepInfo | None = None
+        self.model_info = ModelInfo(
+            name=config.model.served_model_name or loaded.name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            block_size=config.cache.block_size,
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=str(self.runner.device),
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
+
+    # -- admission -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not messages:
+            raise InvalidRequestError("messages", "must not be empty")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise InvalidRequestError(
+                    "messages", f"message {i}: role must be system, user or assistant"
+                )
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def make_request(
+        self,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> Request:
+        """Validate and tokenize; raises a typed error naming the bad field."""
+        if request_id is None or request_id == "":
+            request_id = uuid.uuid4().hex
+        elif request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None or prompt == "":
+                raise InvalidRequestError("prompt", "must not be empty")
+            prompt_token_ids = self.tokenize(prompt)
+        else:
+            prompt_token_ids = list(prompt_token_ids)
+            if not prompt_token_ids:
+                raise InvalidRequestError("prompt_token_ids", "must not be empty")
+            bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    "prompt_token_ids", f"ids must be in [0, {self.vocab_size}); got {bad[0]}"
+                )
+        params.validate(self.vocab_size)
+        self._check_fits(len(prompt_token_ids), params.max_tokens)
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def _check_fits(self, num_prompt: int, max_tokens: int) -> None:
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise RequestTooLongError(
+                "prompt", f"{num_prompt} tokens leave no room in the model's context of {limit}"
+            )
+        if num_prompt + max_tokens > limit:
+            raise RequestTooLongError(
+                "max_tokens",
+                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {limit} tokens",
+            )
+        bm = self.block_manager
+        needed = bm.blocks_needed(num_prompt + max_tokens)
+        if needed > bm.num_blocks:
+            raise RequestTooLongError(
+                "max_tokens",
+                f"prompt + max_tokens need {needed} KV blocks but the whole cache has "
+                f"{bm.num_blocks}",
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)  # may raise QueueFullError
+        self.requests[request.request_id] = request
+        self.output.add_request(request)
+        self.runner.add_request(request)
+
+    def abort(self, request_id: str) -> RequestOutputDelta | None:
+        """Stop a request now and free its blocks; returns its final (abort) delta."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, FinishReason.ABORT)
+
+    def _finish(
+        self, req: Request, reason: FinishReason, error: str | None = None
+    ) -> RequestOutputDelta:
+        req.finish_reason = reason
+        delta = RequestOutputDelta(
+            request_id=req.request_id, text="", token_ids=[], finished=True,
+            finish_reason=reason, error=error,
+        )
+        self._release(req, delta)
+        return delta
+
+    def _release(self, req: Request, final_delta: RequestOutputDelta) -> None:
+        """Free everything a finished request holds and stamp its final delta."""
+        req.times.finished = time.time()
+        self.scheduler.finish(req)
+        self.runner.remove_request(req.request_id)
+        self.requests.pop(req.request_id, None)
+        self.output.remove(req.request_id)
+        self.output.final_fields(req, final_delta)
+
+    # -- the step --------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutputDelta]:
+        start = time.time()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        decode_tokens = sum(1 for s in sched.scheduled if s.num_new_tokens == 1 and s.request.output_token_ids)
+        self.last_step = StepInfo(
+            start=start,
+            end=start,
+            request_ids=[s.request.request_id for s in sched.scheduled],
+            num_prefill_tokens=sched.num_batched_tokens - decode_tokens,
+            num_decode_tokens=decode_tokens,
+            num_preempted=len(sched.preempted),
+            kv_cache_usage=self.block_manager.usage,
+        )
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:  # a failed forward fails this step's requests, not the engine
+            logger.exception("model step failed")
+            return [
+                self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
+                for s in sched.scheduled
+            ]
+        for s in sched.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(s.request)
+
+        deltas: list[RequestOutputDelta] = []
+        now = time.time()
+        for req, token_id, logprob in zip(result.requests, result.token_ids, result.logprobs):
+            try:
+                if req.times.first_token is None:
+                    req.times.first_token = now
+                delta = self.output.process_token(req, token_id, logprob)
+            except Exception as exc:  # e.g. detokenization: fail this request only
+                logger.exception("output processing failed for request %s", req.request_id)
+                deltas.append(self._finish(req, FinishReason.ERROR, f"output processing failed: {exc}"))
+                continue
+            if delta.finished:
+                self._release(req, delta)
+            deltas.append(delta)
+        self.last_step.end = time.time()
+        return deltas
+
+    def get_load(self) -> LoadInfo:
+        bm = self.block_manager
+        return LoadInfo(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+        )

@@ -1,0 +1,136 @@
+"""Continuous batching: which requests run this step, and how many tokens each.
+
+Every step has a token budget (``max_num_batched_tokens``). Running requests go first, oldest
+first: a decode takes one token, an unfinished prefill takes the next chunk that fits. Waiting
+requests are then admitted in order while budget, ``max_num_seqs`` and free blocks allow; their
+prefill may be chunked over several steps, mixed with other requests' decodes.
+
+When a running request cannot get a block, the newest running request is preempted: its blocks
+are freed and it goes back to the *front* of the waiting queue to be recomputed later (the prefix
+cache often makes that cheap). No new request is admitted in a step that preempted, so preempted
+work resumes before new arrivals, and since admission refuses any request that could not fit in
+the whole cache on its own, the oldest request can always make progress: no deadlock, no
+starvation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedserve.backend.config import SchedulerConfig
+from pagedserve.backend.engine.block_manager import BlockManager
+from pagedserve.backend.engine.request import Request, RequestStatus
+from pagedserve.backend.errors import QueueFullError
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so a new one is sampled."""
+        req = self.request
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, request: Request) -> None:
+        if len(self.waiting) >= self.config.max_queued_requests:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_queued_requests} requests)"
+            )
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not bm.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n))
+                budget -= n
+                i += 1
+
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        now = time.time()
+        for s in out.scheduled:
+            if s.request.times.first_scheduled is None:
+                s.request.times.first_scheduled = now
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit = bm.match_prefix(req)
+            req.num_computed_tokens = hit
+            if req.num_cached_prompt_tokens < 0:
+                req.num_cached_prompt_tokens = min(hit, req.num_prompt_tokens)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not bm.allocate_slots(req, n):
+                bm.free(req)  # give back the prefix hits; retry next step
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request wherever it is and free its blocks."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        self.block_manager.forget(req)
+        req.status = RequestStatus.FINISHED

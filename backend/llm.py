@@ -1,0 +1,135 @@
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.engine.engine import LLMEngine
+from pagedserve.backend.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    RequestOutputDelta,
+    TokenLogprob,
+)
+from pagedserve.backend.errors import RequestFailedError
+from pagedserve.backend.sampling_params import SamplingParams
+
+
+class LLM:
+    """Runs the engine in the calling thread until every submitted prompt is done.
+
+    ``model=None`` is the embedded default model. Keyword arguments are the flat field names of
+    the config dataclasses (``block_size``, ``num_blocks``, ``max_num_batched_tokens``, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        # Offline callers submit everything at once; the queue limit guards servers only.
+        engine_kwargs.setdefault("max_queued_requests", sys.maxsize)
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_kwargs))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        return llm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[list[int]] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); results come back in input order."""
+        inputs: list[dict[str, Any]]
+        if prompt_token_ids is not None:
+            inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+        elif isinstance(prompts, str):
+            inputs = [{"prompt": prompts}]
+        else:
+            inputs = [{"prompt": p} for p in prompts or []]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(inputs)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(inputs):
+                raise ValueError("one SamplingParams per prompt, or a single one for all")
+
+        # Validate everything before admitting anything, so a bad prompt leaves no orphans.
+        requests = [
+            self.engine.make_request(params=p, **inp) for inp, p in zip(inputs, params_list)
+        ]
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(requests), desc="generate", unit="req")
+        collected: dict[str, list[RequestOutputDelta]] = {r.request_id: [] for r in requests}
+        try:
+            for r in requests:
+                self.engine.add_request(r)
+            remaining = len(requests)
+            while remaining:
+                for delta in self.engine.step():
+                    collected[delta.request_id].append(delta)
+                    if delta.finished:
+                        remaining -= 1
+                        if progress is not None:
+                            progress.update(1)
+        finally:
+            for r in requests:
+                self.engine.abort(r.request_id)  # no-op for finished ones
+            if progress is not None:
+                progress.close()
+        return [_assemble(r, collected[r.request_id]) for r in requests]
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+    ) -> Iterator[RequestOutputDelta]:
+        """Yield one request's deltas as they are produced."""
+        request = self.engine.make_request(
+            prompt=prompt, prompt_token_ids=prompt_token_ids, params=sampling_params or SamplingParams()
+        )
+        self.engine.add_request(request)
+        try:
+            while True:
+                for delta in self.engine.step():
+                    if delta.request_id == request.request_id:
+                        yield delta
+                        if delta.finished:
+                            return
+        finally:
+            self.engine.abort(request.request_id)
+
+
+def _assemble(request: Request, deltas: list[RequestOutputDelta]) -> RequestOutput:
+    last = deltas[-1]
+    logprobs: list[TokenLogprob] | None = None
+    if request.params.logprobs is not None:
+        logprobs = [lp for d in deltas for lp in (d.logprobs or [])]
+    assert last.usage is not None and last.finish_reason is not None
+    if last.finish_reason is FinishReason.ERROR:
+        raise RequestFailedError(f"request {request.request_id} failed: {last.error}")
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        logprobs=logprobs,
+        stop_reason=last.stop_reason,
+    )

@@ -1,0 +1,214 @@
+"""`pagedserve generate` (one-off, streamed to the terminal) and `pagedserve bench offline`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pagedserve.backend.cli import add_engine_args, engine_config_from_args
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+
+
+def register_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text for one prompt, streamed as it arrives")
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat message")
+    p.add_argument(
+        "--server", default=None, metavar="HOST:PORT",
+        help="ask a running pagedserve server instead of loading the model here",
+    )
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        from pagedserve.clients.cli import run_generate_remote
+
+        return run_generate_remote(args)
+    from pagedserve.backend.llm import LLM
+    from pagedserve.backend.sampling_params import SamplingParams
+
+    config = engine_config_from_args(args)
+    llm = LLM.from_config(config)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.sampling_seed,
+    )
+    engine = llm.engine
+    if args.raw:
+        ids = engine.tokenize(args.prompt)
+    else:
+        ids = engine.render_chat([{"role": "user", "content": args.prompt}])
+    for delta in llm.stream(prompt_token_ids=ids, sampling_params=params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# -- bench offline ----------------------------------------------------------------------------
+@dataclass
+class Workload:
+    num_requests: int
+    input_len: int
+    output_len: int
+    seed: int = 0
+
+    def prompts(self, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
+        """Random token-id prompts of exactly ``input_len`` tokens (no special tokens)."""
+        rng = random.Random(self.seed)
+        pool = [t for t in range(vocab_size) if t not in special_ids]
+        return [[rng.choice(pool) for _ in range(self.input_len)] for _ in range(self.num_requests)]
+
+
+@dataclass
+class BenchResult:
+    system: str
+    seconds: float
+    output_tokens: int
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def register_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    off = bench_sub.add_parser("offline", help="offline throughput, beside transformers")
+    off.add_argument("--num-requests", type=int, default=32)
+    off.add_argument("--input-len", type=int, default=128)
+    off.add_argument("--output-len", type=int, default=64)
+    off.add_argument(
+        "--peer", choices=["transformers", "transformers-cb", "none"], default="transformers",
+        help="transformers: batched generate(); transformers-cb: its continuous batching "
+        "(generate_batch); none: pagedserve only",
+    )
+    off.add_argument("--json", dest="json_out", default=None, help="write results to this file")
+    add_engine_args(off)
+    off.set_defaults(func=run_bench_offline)
+    for register in _extra_bench_registrations():
+        register(bench_sub)
+
+
+def _extra_bench_registrations() -> list[Any]:
+    try:
+        from pagedserve.clients.loadgen import register_bench_serve
+    except ImportError:
+        return []
+    return [register_bench_serve]
+
+
+def run_bench_offline(args: argparse.Namespace) -> int:
+    from pagedserve.backend.llm import LLM
+
+    config = engine_config_from_args(args)
+    workload = Workload(args.num_requests, args.input_len, args.output_len)
+    llm = LLM.from_config(config)
+    results = [bench_pagedserve(llm, workload)]
+    if args.peer != "none":
+        results.append(bench_transformers(llm, workload, continuous=args.peer == "transformers-cb"))
+    print_table(workload, results, device=str(llm.engine.runner.device))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(
+                {
+                    "workload": asdict(workload),
+                    "device": str(llm.engine.runner.device),
+                    "results": [
+                        {**asdict(r), "output_tokens_per_s": r.output_tokens_per_s} for r in results
+                    ],
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return set(getattr(tokenizer, "all_special_ids", []) or [])
+
+
+def bench_pagedserve(llm: Any, workload: Workload) -> BenchResult:
+    from pagedserve.backend.sampling_params import SamplingParams
+
+    engine = llm.engine
+    prompts = workload.prompts(engine.vocab_size, _special_ids(engine.tokenizer))
+    params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
+    # Warm up on other prompts, so the timed run gets no prefix-cache hits from it.
+    warmup = Workload(2, 16, 4, seed=workload.seed + 1)
+    llm.generate(
+        prompt_token_ids=warmup.prompts(engine.vocab_size, _special_ids(engine.tokenizer)),
+        sampling_params=SamplingParams(max_tokens=4, ignore_eos=True),
+    )
+    start = time.perf_counter()
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    seconds = time.perf_counter() - start
+    return BenchResult("pagedserve", seconds, sum(len(o.token_ids) for o in outputs))
+
+
+def bench_transformers(llm: Any, workload: Workload, continuous: bool) -> BenchResult:
+    """The same workload through transformers, same weights, dtype and device."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    engine = llm.engine
+    runner = engine.runner
+    loaded = runner.loaded
+    if loaded.model_dir is None or runner.config.model.load_format == "dummy":
+        model = AutoModelForCausalLM.from_config(loaded.hf_config, dtype=runner.dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(loaded.model_dir), dtype=runner.dtype)
+    model = model.to(runner.device).eval()
+    prompts = workload.prompts(engine.vocab_size, _special_ids(engine.tokenizer))
+    gen = GenerationConfig(
+        max_new_tokens=workload.output_len, min_new_tokens=workload.output_len,
+        do_sample=False, eos_token_id=None, pad_token_id=0,
+    )
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        if continuous:
+            model.generate_batch(inputs=[p[:16] for p in prompts[:2]], generation_config=gen)
+            sync()
+            start = time.perf_counter()
+            out = model.generate_batch(inputs=prompts, generation_config=gen)
+            sync()
+            seconds = time.perf_counter() - start
+            tokens = sum(len(v.generated_tokens) for v in out.values())
+        else:
+            ids = torch.tensor(prompts, device=runner.device)
+            model.generate(ids[:2], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0))
+            sync()
+            start = time.perf_counter()
+            out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+            sync()
+            seconds = time.perf_counter() - start
+            tokens = (out_ids.shape[1] - ids.shape[1]) * ids.shape[0]
+    name = "transformers generate_batch" if continuous else "transformers generate"
+    return BenchResult(name, seconds, int(tokens))
+
+
+def print_table(workload: Workload, results: list[BenchResult], device: str) -> None:
+    print(
+        f"\nworkload: {workload.num_requests} requests x {workload.input_len} prompt / "
+        f"{workload.output_len} output tokens, ignore_eos, greedy; device {device}"
+    )
+    print(f"{'system':<32}{'seconds':>10}{'output tok/s':>16}")
+    for r in results:
+        print(f"{r.system:<32}{r.seconds:>10.2f}{r.output_tokens_per_s:>16.1f}")
+    if len(results) > 1:
+        print(f"ratio pagedserve / peer: {results[0].output_tokens_per_s / results[1].output_tokens_per_s:.2f}x")
