@@ -136,7 +136,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
-                self._drain_inbox()
+                if self._drain_inbox():
+                    self._load = self.engine.get_load()
                 if not self.engine.has_unfinished():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
@@ -158,12 +159,15 @@ class AsyncEngine:
                 self._deliver([delta])
         self._fail_all(EngineDeadError("the engine has shut down"))
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; returns whether there were any."""
+        drained = False
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return drained
+            drained = True
             if kind == "add":
                 with self._lock:
                     self._pending_adds -= 1
@@ -175,7 +179,6 @@ class AsyncEngine:
                 delta = self.engine.abort(item)
                 if delta is not None:
                     self._deliver([delta])
-        self._load = self.engine.get_load()
 
     def _deliver(self, deltas: list[RequestOutputDelta]) -> None:
         for delta in deltas:

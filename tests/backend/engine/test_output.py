@@ -1,0 +1,80 @@
+"""Incremental detokenization and stopping, on the default model's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from pagedserve.backend.engine.output import OutputProcessor
+from pagedserve.backend.engine.request import FinishReason, Request
+from pagedserve.backend.sampling_params import SamplingParams
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def feed(tokenizer, token_ids: list[int], **params):
+    proc = OutputProcessor(tokenizer, max_model_len=10_000)
+    params.setdefault("max_tokens", 1000)
+    request = Request("r", [1], SamplingParams(**params), eos_token_ids=frozenset({EOS}))
+    proc.add_request(request)
+    deltas = []
+    for t in token_ids:
+        deltas.append(proc.process_token(request, t, None))
+        if deltas[-1].finished:
+            break
+    return request, deltas
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello 世界, how are you? 🌍🚀👩‍👩‍👧 done", "日本語のテキストと絵文字 😀😃😄 mixed with English.", "naïve café — “quotes” ½"],
+)
+def test_deltas_join_to_the_full_decode_without_broken_characters(tokenizer, text) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    request, deltas = feed(tokenizer, ids, max_tokens=len(ids))
+    assert deltas[-1].finished and deltas[-1].finish_reason is FinishReason.LENGTH
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == tokenizer.decode(ids, skip_special_tokens=True) == text
+    # Multi-byte characters span several byte-level tokens: some steps must emit nothing.
+    assert any(d.text == "" for d in deltas)
+
+
+def test_stop_string_across_tokens_is_excluded_and_never_streamed(tokenizer) -> None:
+    text = "The answer is forty-two. Done here."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    _, deltas = feed(tokenizer, ids, stop=["two. Do"])
+    out = "".join(d.text for d in deltas)
+    assert out == "The answer is forty-"
+    assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stop_reason == "two. Do"
+    for d in deltas[:-1]:  # nothing before the end ever showed a piece of the stop string
+        assert "two" not in d.text
+
+
+def test_stop_string_included_when_asked(tokenizer) -> None:
+    ids = tokenizer.encode("alpha beta gamma delta", add_special_tokens=False)
+    _, deltas = feed(tokenizer, ids, stop=["gam"], include_stop_str_in_output=True)
+    assert "".join(d.text for d in deltas) == "alpha beta gam"
+
+
+def test_eos_and_stop_token_ids(tokenizer) -> None:
+    ids = tokenizer.encode("one two", add_special_tokens=False)
+    request, deltas = feed(tokenizer, ids + [EOS] + ids)
+    assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stop_reason is None
+    assert "".join(d.text for d in deltas) == "one two"
+    assert request.output_token_ids == ids + [EOS]
+    _, deltas = feed(tokenizer, ids + ids, stop_token_ids=[ids[1]])
+    assert deltas[-1].stop_reason == ids[1] and "".join(d.text for d in deltas) == "one"
+
+
+def test_ignore_eos_and_min_tokens(tokenizer) -> None:
+    ids = tokenizer.encode("one two three", add_special_tokens=False)
+    _, deltas = feed(tokenizer, [EOS] + ids, ignore_eos=True, max_tokens=4)
+    assert deltas[-1].finish_reason is FinishReason.LENGTH and len(deltas) == 4
+    _, deltas = feed(tokenizer, ids + ids, stop=["two"], min_tokens=4)
+    # The first "two" comes before min_tokens outputs and is not a stop; the second is.
+    assert "".join(d.text for d in deltas).count("two") == 1

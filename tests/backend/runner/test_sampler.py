@@ -1,0 +1,132 @@
+"""Sampler: greedy, filters, penalties, seeds and logprobs against direct torch computations."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.backend.engine.request import Request
+from pagedserve.backend.runner.sampler import Sampler, SamplingBatch
+from pagedserve.backend.sampling_params import SamplingParams
+
+VOCAB = 50
+
+
+def req(rid: str, prompt: list[int] | None = None, out: list[int] | None = None, **kw) -> Request:
+    r = Request(rid, prompt or [1, 2, 3], SamplingParams(**kw), eos_token_ids=frozenset({0}))
+    r.output_token_ids = list(out or [])
+    return r
+
+
+def run(requests: list[Request], logits: torch.Tensor, seed: int = 0, gens=None):
+    g = torch.Generator().manual_seed(seed)
+    gens = gens if gens is not None else [None] * len(requests)
+    batch = SamplingBatch.from_requests(requests, VOCAB, torch.device("cpu"), gens)
+    return Sampler(g)(logits.clone(), batch)
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(4, VOCAB)
+    out = run([req(str(i), temperature=0.0) for i in range(4)], logits)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_one_is_argmax_even_when_sampling() -> None:
+    logits = torch.randn(6, VOCAB)
+    out = run([req(str(i), temperature=1.5, top_k=1) for i in range(6)], logits)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_mixed_greedy_and_random_rows() -> None:
+    logits = torch.randn(2, VOCAB)
+    out = run([req("g", temperature=0.0), req("r", temperature=1.0, top_k=1)], logits)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def empirical(params: dict, logits_row: torch.Tensor, n: int = 4000) -> torch.Tensor:
+    logits = logits_row.expand(n, VOCAB).contiguous()
+    out = run([req(str(i), **params) for i in range(n)], logits, seed=1)
+    return torch.bincount(torch.tensor(out.token_ids), minlength=VOCAB).float() / n
+
+
+def test_temperature_sampling_matches_softmax() -> None:
+    row = torch.randn(VOCAB) * 2
+    freq = empirical({"temperature": 0.7}, row)
+    expected = torch.softmax(row / 0.7, -1)
+    assert (freq - expected).abs().max() < 0.03
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    row = torch.randn(VOCAB) * 2
+    freq = empirical({"temperature": 1.0, "top_p": 0.5}, row)
+    probs = torch.softmax(row, -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = int((sorted_p.cumsum(0) - sorted_p < 0.5).sum())
+    allowed = set(order[:keep].tolist())
+    assert set(torch.nonzero(freq).flatten().tolist()) <= allowed
+    renorm = torch.zeros(VOCAB)
+    renorm[order[:keep]] = sorted_p[:keep] / sorted_p[:keep].sum()
+    assert (freq - renorm).abs().max() < 0.04
+
+
+def test_top_k_and_min_p_restrict_support() -> None:
+    row = torch.randn(VOCAB) * 2
+    freq = empirical({"temperature": 1.0, "top_k": 5}, row, n=2000)
+    assert set(torch.nonzero(freq).flatten().tolist()) <= set(row.topk(5).indices.tolist())
+    probs = torch.softmax(row, -1)
+    freq = empirical({"temperature": 1.0, "min_p": 0.2}, row, n=2000)
+    allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+    assert set(torch.nonzero(freq).flatten().tolist()) <= allowed
+
+
+def test_seeded_rows_do_not_depend_on_batch_composition() -> None:
+    logits = torch.randn(1, VOCAB)
+
+    def draw(others: int) -> list[int]:
+        tokens = []
+        g = torch.Generator().manual_seed(1234)
+        for _ in range(5):
+            reqs = [req("seeded", temperature=1.0, seed=1234)] + [req(f"o{i}", temperature=1.0) for i in range(others)]
+            batch_logits = torch.cat([logits, torch.randn(others, VOCAB)])
+            out = run(reqs, batch_logits, seed=others, gens=[g] + [None] * others)
+            tokens.append(out.token_ids[0])
+        return tokens
+
+    assert draw(0) == draw(3) == draw(7)
+
+
+def test_penalties_match_their_definitions() -> None:
+    logits = torch.randn(1, VOCAB)
+    r = req("p", prompt=[3, 4], out=[4, 5, 5], temperature=0.0, repetition_penalty=1.3,
+            presence_penalty=0.5, frequency_penalty=0.25)
+    expected = logits.clone()[0]
+    for t in {3, 4, 5}:
+        expected[t] = expected[t] / 1.3 if expected[t] > 0 else expected[t] * 1.3
+    for t, count in {4: 1, 5: 2}.items():
+        expected[t] -= 0.25 * count + 0.5
+    out = run([r], logits)
+    assert out.token_ids == [int(expected.argmax())]
+    batch = SamplingBatch.from_requests([r], VOCAB, torch.device("cpu"), [None])
+    processed = Sampler._apply_penalties(logits.clone(), batch)
+    torch.testing.assert_close(processed[0], expected)
+
+
+def test_min_tokens_bans_eos_and_stop_ids() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 0] = 10.0  # eos
+    logits[0, 7] = 9.0  # a stop token id
+    r = req("m", temperature=0.0, min_tokens=2, stop_token_ids=[7])
+    assert run([r], logits).token_ids != [0] and run([r], logits).token_ids != [7]
+    r.output_token_ids = [1, 2]
+    assert run([r], logits).token_ids == [0]
+
+
+def test_logprobs_are_raw_log_softmax_with_top_n() -> None:
+    logits = torch.randn(2, VOCAB)
+    out = run([req("a", temperature=0.0, logprobs=3), req("b", temperature=0.0)], logits)
+    ref = torch.log_softmax(logits, -1)
+    lp = out.logprobs[0]
+    assert lp is not None and out.logprobs[1] is None
+    assert abs(lp.logprob - float(ref[0, out.token_ids[0]])) < 1e-6
+    top_vals, top_ids = ref[0].topk(3)
+    assert [t for t, _ in lp.top] == top_ids.tolist()
+    assert torch.allclose(torch.tensor([v for _, v in lp.top]), top_vals)
