@@ -18,7 +18,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+    parser.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
 
 
 def register_generate(sub: Any) -> None:
@@ -148,7 +148,9 @@ def bench_pagedserve(llm: Any, workload: Workload) -> BenchResult:
 
     engine = llm.engine
     prompts = workload.prompts(engine.vocab_size, _special_ids(engine.tokenizer))
-    params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=workload.output_len, temperature=0.0, ignore_eos=True, detokenize=False
+    )
     # Warm up on other prompts, so the timed run gets no prefix-cache hits from it.
     warmup = Workload(2, 16, 4, seed=workload.seed + 1)
     llm.generate(

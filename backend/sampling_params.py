@@ -36,6 +36,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # False skips text entirely (token ids only): for benchmarks whose random token ids the
+    # tokenizer need not know.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +84,8 @@ class SamplingParams:
             )
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
+        if self.stop and not self.detokenize:
+            raise InvalidRequestError("stop", "stop strings need detokenize=True")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"ids must be in [0, {vocab_size})")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

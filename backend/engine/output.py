@@ -101,7 +101,7 @@ class OutputProcessor:
         elif token_id in params.stop_token_ids and num_out > params.min_tokens:
             request.finish_reason = FinishReason.STOP
             stop_reason = token_id
-        else:
+        elif params.detokenize:
             delta = state.detokenizer.add(token_id)
             state.text += delta
             if params.stop and delta and num_out >= params.min_tokens:
@@ -117,10 +117,10 @@ class OutputProcessor:
                 request.finish_reason = FinishReason.LENGTH
 
         if request.finish_reason is not None:
-            if truncate_at is None:
-                state.text += state.detokenizer.flush()
-            else:
+            if truncate_at is not None:
                 state.text = state.text[:truncate_at]
+            elif params.detokenize:
+                state.text += state.detokenizer.flush()
             end = len(state.text)
         else:
             hold = max((len(s) for s in params.stop), default=1) - 1
