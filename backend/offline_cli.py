@@ -119,72 +119,121 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     workload = Workload(args.num_requests, args.input_len, args.output_len)
     llm = LLM.from_config(config)
+    target = PeerTarget.of(llm)
     results = [bench_pagedserve(llm, workload)]
+    del llm  # give its KV cache back before the peer loads its own copy of the model
+    release_memory(target.device)
     if args.peer != "none":
-        results.append(bench_transformers(llm, workload, continuous=args.peer == "transformers-cb"))
-    print_table(workload, results, device=str(llm.engine.runner.device))
+        results.append(bench_transformers(target, workload, continuous=args.peer == "transformers-cb"))
+    print_table(workload, results, device=str(target.device))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(
-                {
-                    "workload": asdict(workload),
-                    "device": str(llm.engine.runner.device),
-                    "results": [
-                        {**asdict(r), "output_tokens_per_s": r.output_tokens_per_s} for r in results
-                    ],
-                },
-                f,
-                indent=2,
-            )
+        write_json(args.json_out, workload, results, str(target.device))
     return 0
+
+
+def write_json(path: str, workload: Workload, results: list[BenchResult], device: str) -> None:
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "workload": asdict(workload),
+                "device": device,
+                "results": [{**asdict(r), "output_tokens_per_s": r.output_tokens_per_s} for r in results],
+            },
+            f,
+            indent=2,
+        )
+
+
+def release_memory(device: Any) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
     return set(getattr(tokenizer, "all_special_ids", []) or [])
 
 
+@dataclass
+class PeerTarget:
+    """What the peer needs to run the same model the same way, without our engine alive."""
+
+    hf_config: Any
+    model_dir: Any
+    dummy: bool
+    dtype: Any
+    device: Any
+    vocab_size: int
+    special_ids: set[int]
+
+    @classmethod
+    def of(cls, llm: Any) -> "PeerTarget":
+        runner = llm.engine.runner
+        return cls(
+            hf_config=runner.loaded.hf_config,
+            model_dir=runner.loaded.model_dir,
+            dummy=runner.config.model.load_format == "dummy",
+            dtype=runner.dtype,
+            device=runner.device,
+            vocab_size=llm.engine.vocab_size,
+            special_ids=_special_ids(llm.engine.tokenizer),
+        )
+
+
 def bench_pagedserve(llm: Any, workload: Workload) -> BenchResult:
     from pagedserve.backend.sampling_params import SamplingParams
 
     engine = llm.engine
-    prompts = workload.prompts(engine.vocab_size, _special_ids(engine.tokenizer))
+    special = _special_ids(engine.tokenizer)
+    prompts = workload.prompts(engine.vocab_size, special)
     params = SamplingParams(
         max_tokens=workload.output_len, temperature=0.0, ignore_eos=True, detokenize=False
     )
     # Warm up on other prompts, so the timed run gets no prefix-cache hits from it.
     warmup = Workload(2, 16, 4, seed=workload.seed + 1)
     llm.generate(
-        prompt_token_ids=warmup.prompts(engine.vocab_size, _special_ids(engine.tokenizer)),
-        sampling_params=SamplingParams(max_tokens=4, ignore_eos=True),
+        prompt_token_ids=warmup.prompts(engine.vocab_size, special),
+        sampling_params=SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False),
     )
+    sync = _synchronizer(engine.runner.device)
+    sync()
     start = time.perf_counter()
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    sync()
     seconds = time.perf_counter() - start
     return BenchResult("pagedserve", seconds, sum(len(o.token_ids) for o in outputs))
 
 
-def bench_transformers(llm: Any, workload: Workload, continuous: bool) -> BenchResult:
-    """The same workload through transformers, same weights, dtype and device."""
+def _synchronizer(device: Any) -> Any:
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def bench_transformers(target: PeerTarget, workload: Workload, continuous: bool) -> BenchResult:
+    """The same workload through transformers: same weights (random ones for dummy), dtype, device."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    engine = llm.engine
-    runner = engine.runner
-    loaded = runner.loaded
-    if loaded.model_dir is None or runner.config.model.load_format == "dummy":
-        model = AutoModelForCausalLM.from_config(loaded.hf_config, dtype=runner.dtype)
+    if target.dummy or target.model_dir is None:
+        model = AutoModelForCausalLM.from_config(target.hf_config, dtype=target.dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(loaded.model_dir), dtype=runner.dtype)
-    model = model.to(runner.device).eval()
-    prompts = workload.prompts(engine.vocab_size, _special_ids(engine.tokenizer))
+        model = AutoModelForCausalLM.from_pretrained(str(target.model_dir), dtype=target.dtype)
+    model = model.to(target.device).eval()
+    prompts = workload.prompts(target.vocab_size, target.special_ids)
     gen = GenerationConfig(
         max_new_tokens=workload.output_len, min_new_tokens=workload.output_len,
         do_sample=False, eos_token_id=None, pad_token_id=0,
     )
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(target.device)
+    warmup = Workload(2, 16, 4, seed=workload.seed + 1).prompts(target.vocab_size, target.special_ids)
     with torch.inference_mode():
         if continuous:
-            model.generate_batch(inputs=[p[:16] for p in prompts[:2]], generation_config=gen)
+            model.generate_batch(inputs=warmup, generation_config=gen)
             sync()
             start = time.perf_counter()
             out = model.generate_batch(inputs=prompts, generation_config=gen)
@@ -192,8 +241,9 @@ def bench_transformers(llm: Any, workload: Workload, continuous: bool) -> BenchR
             seconds = time.perf_counter() - start
             tokens = sum(len(v.generated_tokens) for v in out.values())
         else:
-            ids = torch.tensor(prompts, device=runner.device)
-            model.generate(ids[:2], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0))
+            short = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+            model.generate(torch.tensor(warmup, device=target.device), generation_config=short)
+            ids = torch.tensor(prompts, device=target.device)
             sync()
             start = time.perf_counter()
             out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)

@@ -1,0 +1,241 @@
+"""Everything the GPU path must show, in one device call: ceilings, parity, throughput.
+
+    python tests/gpu/device_bench.py --tokenizer DIR --out DIR [--stages ceilings,parity,bench-1b,bench-8b]
+
+- ceilings: device-to-device copy bandwidth and the bf16 matmul rate (the roofline's terms);
+- parity: fp32 (no TF32) greedy tokens vs transformers for 16 mixed requests on a random-weight
+  Llama-3.2-1B (near-tie rule), and bf16 teacher-forced next-token argmax agreement;
+- bench-1b / bench-8b: ``bench offline`` on dummy Llama-3.2-1B / Llama-3-8B, 256 requests of 512
+  prompt / 256 output tokens, ignore_eos, beside transformers' continuous batching, with the
+  roofline fraction.
+
+``--tokenizer`` is a directory of tokenizer files (the dummy models need one to build requests).
+Prints a short table per stage and writes ``results.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # for tests.backend.engine.reference
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT = 256, 512, 256
+GIB = 1 << 30
+
+
+def timed(fn: Any, reps: int = 20) -> float:
+    """Median seconds of fn() over reps, timed with CUDA events after two warm-ups."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def stage_ceilings() -> dict[str, float]:
+    src = torch.randn(GIB // 2, dtype=torch.float16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * src.element_size() / copy_s
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    mm_s = timed(lambda: a @ b, reps=10)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    result = {"copy_bandwidth_gbs": copy_bw / 1e9, "bf16_matmul_tflops": 2 * n**3 / mm_s / 1e12}
+    print(f"ceilings: copy {result['copy_bandwidth_gbs']:.0f} GB/s (read+write), "
+          f"bf16 matmul {result['bf16_matmul_tflops']:.0f} TFLOP/s")
+    return result
+
+
+def model_dir_with_tokenizer(name: str, tokenizer: Path, work: Path) -> Path:
+    target = work / name
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(CONFIGS / name / "config.json", target / "config.json")
+    for f in tokenizer.iterdir():
+        if f.is_file() and not f.name.startswith(("config", "model")):
+            shutil.copy(f, target / f.name)
+    return target
+
+
+def release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def stage_parity(tokenizer: Path, work: Path) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pagedserve import LLM, SamplingParams
+    from tests.backend.engine.reference import compare_greedy, hf_greedy
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg_dir = model_dir_with_tokenizer("llama-3.2-1b", tokenizer, work)
+    weights = work / "llama-3.2-1b-random"
+    config = AutoConfig.from_pretrained(cfg_dir)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda().eval()
+    hf.save_pretrained(weights)
+    for f in cfg_dir.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, weights / f.name)
+
+    rng = random.Random(0)
+    lengths = [1, 3, 7, 16, 17, 31, 64, 100, 128, 200, 255, 256, 300, 400, 511, 600]
+    prompts = [[rng.randrange(1000, 100_000) for _ in range(n)] for n in lengths]
+    max_new = 32
+
+    # fp32: greedy tokens identical up to near-ties.
+    eos = [config.eos_token_id]
+    refs = [hf_greedy(hf, p, max_new, eos) for p in prompts]
+    llm = LLM(str(weights), dtype="float32", max_model_len=2048, gpu_memory_utilization=0.5,
+              max_num_batched_tokens=1024)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=max_new, temperature=0.0))
+    ties = compare_greedy([o.token_ids for o in outs], refs)
+    print(f"parity fp32: 16 mixed requests identical to transformers (near-ties met: {ties})")
+    del llm, outs
+    release()
+
+    # bf16: teacher-forced next-token argmax agreement.
+    hf = hf.to(torch.bfloat16)
+    llm = LLM(str(weights), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5,
+              enable_cuda_graphs=False)
+    runner = llm.engine.runner
+    agree = total = 0
+    for ids in prompts[4:]:
+        with torch.inference_mode():
+            ref_logits = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+            our_logits = teacher_forced_logits(runner, ids)
+        agree += int((ref_logits.argmax(-1) == our_logits.argmax(-1)).sum())
+        total += len(ids)
+    rate = agree / total
+    print(f"parity bf16: teacher-forced argmax agreement {rate:.4f} over {total} positions")
+    del llm, hf
+    release()
+    assert rate >= 0.99, f"bf16 argmax agreement {rate:.4f} < 0.99"
+    return {"fp32_near_ties": ties, "bf16_argmax_agreement": rate, "bf16_positions": total}
+
+
+def teacher_forced_logits(runner: Any, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prefill through our model and paged attention."""
+    from pagedserve.backend.runner.attention import AttentionMetadata
+
+    n, bs = len(ids), runner.block_size
+    blocks = torch.arange(-(-n // bs), dtype=torch.int32, device="cuda")
+    metadata = AttentionMetadata(
+        slot_mapping=torch.arange(n, dtype=torch.int64, device="cuda"),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device="cuda"),
+        block_tables=blocks.unsqueeze(0), max_query_len=n, max_seq_len=n,
+        query_lens_cpu=[n], seq_lens_cpu=[n],
+    )
+    hidden = runner.model(torch.tensor(ids, device="cuda"), torch.arange(n, device="cuda"),
+                          runner.kv_caches, metadata)
+    return runner.model.compute_logits(hidden)
+
+
+def roofline_seconds(config: Any, ceilings: dict[str, float]) -> float:
+    """Lower bound for the workload: each decode step reads all weights and every live K/V
+    once at copy bandwidth; prefill runs its matmul FLOPs at the measured bf16 rate."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    inter, vocab = config.intermediate_size, config.vocab_size
+    per_layer = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * inter
+    # Matmul weights a decode step must read: every layer plus the lm head (embedding lookups
+    # read only a few rows).
+    matmul_params = layers * per_layer + vocab * h
+    bw = ceilings["copy_bandwidth_gbs"] * 1e9  # bytes moved per second, reads and writes alike
+    kv_per_token = layers * 2 * kv_heads * head_dim * 2
+    decode = 0.0
+    for step in range(BENCH_OUTPUT):
+        kv = BENCH_REQUESTS * (BENCH_INPUT + step) * kv_per_token
+        decode += (2 * matmul_params + kv) / bw
+    prefill_tokens = BENCH_REQUESTS * BENCH_INPUT
+    # Layers for every prompt token, the lm head for each prompt's last token only; causal
+    # attention (QK^T and PV) over half the square.
+    flops = 2 * layers * per_layer * prefill_tokens + 2 * vocab * h * BENCH_REQUESTS
+    flops += 4 * layers * heads * head_dim * BENCH_REQUESTS * BENCH_INPUT**2 / 2
+    prefill = flops / (ceilings["bf16_matmul_tflops"] * 1e12)
+    return decode + prefill
+
+
+def stage_bench(name: str, tokenizer: Path, work: Path, ceilings: dict[str, float]) -> dict[str, Any]:
+    from pagedserve import LLM
+    from pagedserve.backend.offline_cli import (
+        PeerTarget,
+        Workload,
+        bench_pagedserve,
+        bench_transformers,
+        print_table,
+    )
+
+    cfg_dir = model_dir_with_tokenizer(name, tokenizer, work)
+    workload = Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT)
+    llm = LLM(str(cfg_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096,
+              max_num_seqs=256, max_num_batched_tokens=8192)
+    target = PeerTarget.of(llm)
+    ours = bench_pagedserve(llm, workload)
+    del llm
+    release()
+    peer = bench_transformers(target, workload, continuous=True)
+    release()
+    print_table(workload, [ours, peer], device=torch.cuda.get_device_name())
+    bound = roofline_seconds(target.hf_config, ceilings)
+    fraction = bound / ours.seconds
+    print(f"{name}: roofline {bound:.2f} s -> pagedserve at {100 * fraction:.1f}% of roofline")
+    return {
+        "pagedserve_tok_s": ours.output_tokens_per_s, "pagedserve_s": ours.seconds,
+        "peer": peer.system, "peer_tok_s": peer.output_tokens_per_s, "peer_s": peer.seconds,
+        "roofline_s": bound, "roofline_fraction": fraction,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stages", default="ceilings,parity,bench-1b,bench-8b")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    work = Path(tempfile.mkdtemp(prefix="pagedserve-device-"))
+    results["ceilings"] = ceilings = stage_ceilings()
+    try:
+        if "parity" in stages:
+            results["parity"] = stage_parity(args.tokenizer, work)
+        for stage, name in (("bench-1b", "llama-3.2-1b"), ("bench-8b", "llama-3-8b")):
+            if stage in stages:
+                results[stage] = stage_bench(name, args.tokenizer, work, ceilings)
+                (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    finally:
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
