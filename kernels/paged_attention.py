@@ -7,8 +7,13 @@ the last ``query_len`` positions of a context of ``seq_len`` tokens, so query ``
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from pagedserve.kernels.triton_utils import cdiv, next_power_of_2, tl, triton, use_triton
 
 
 def gather_kv(
@@ -94,3 +99,477 @@ def _decode_batch(
         attn_mask=mask, scale=scale, enable_gqa=gqa,
     )
     out[token_rows] = o.squeeze(2)
+
+
+@dataclass(frozen=True)
+class AttentionKernelConfig:
+    """Tile sizes and the split-KV policy of the Triton path (defaults suit H100-class GPUs)."""
+
+    # Varlen (prefill / mixed) kernel. block_m: query rows one program holds, i.e. query tokens
+    # x the query heads of one KV head. block_n: keys per inner-loop tile, any multiple of 16
+    # (it need not match the cache block size).
+    block_m: int = 128
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    # Decode kernel (one query token per sequence).
+    decode_block_n: int = 64
+    decode_num_warps: int = 2
+    decode_num_stages: int = 4
+    # Split-KV decode: enough programs for this many waves over the SMs, at most
+    # max_kv_splits partitions, each at least min_tokens_per_split keys of the longest context.
+    split_waves: int = 2
+    max_kv_splits: int = 32
+    min_tokens_per_split: int = 256
+
+
+DEFAULT_ATTENTION_CONFIG = AttentionKernelConfig()
+# tl.dot needs at least 16 rows; decode programs pad their query heads up to it.
+_MIN_DOT_ROWS = 16
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_key_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row_ptr,
+    head_offset,
+    cache_block_stride,
+    cache_slot_stride,
+    kv_start,
+    kv_end,
+    causal_limit,
+    qk_scale,
+    dim_offsets,
+    dim_mask,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online softmax (base 2, fp32) of q's rows over keys [kv_start, kv_end).
+
+    With MASKED a key is seen by a row when it is below kv_end and its position is <= that
+    row's causal_limit; without, the caller guarantees whole tiles every row may see, and the
+    tile loop skips the masking work.
+    """
+    key_offsets = tl.arange(0, BLOCK_N)
+    for tile_start in range(kv_start, kv_end, BLOCK_N):
+        pos = tile_start + key_offsets
+        if MASKED:
+            in_range = pos < kv_end
+        else:
+            in_range = pos >= 0
+        block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=in_range, other=0)
+        slot = block.to(tl.int64) * cache_block_stride + (pos % BLOCK_SIZE) * cache_slot_stride
+        slot += head_offset
+        kv_mask = in_range[None, :] & dim_mask[:, None]
+        k_t = tl.load(k_cache_ptr + slot[None, :] + dim_offsets[:, None], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, k_t.to(q.dtype), input_precision="ieee") * qk_scale
+        if MASKED:
+            seen = (pos[None, :] <= causal_limit[:, None]) & in_range[None, :]
+            scores = tl.where(seen, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            # Rows that have seen no key keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_shift = m_new
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_cache_ptr + slot[:, None] + dim_offsets[None, :],
+            mask=in_range[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(q.dtype)
+        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
+    """Sequence owning flat query block ``q_block``: sequence i owns blocks from
+    query_start_loc[i] // BLOCK_Q + i on, which leaves room for its ragged last block."""
+    lo = tl.program_id(0) * 0
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        go_right = first <= q_block
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo - 1
+
+
+@triton.jit
+def _varlen_paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    num_seqs,
+    qk_scale,
+    head_dim,
+    q_token_stride,
+    q_head_stride,
+    out_token_stride,
+    out_head_stride,
+    cache_block_stride,
+    cache_slot_stride,
+    cache_head_stride,
+    block_table_stride,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """One program: BLOCK_Q query tokens of one sequence x the GROUP query heads of one KV head,
+    so every K/V tile is loaded once for the whole group."""
+    q_block_id = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = q_block_id - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_pos = q_block * BLOCK_Q + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_valid = (q_pos < q_len) & (rows % GROUP_PAD < GROUP)
+    token = (q_start + q_pos).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < head_dim
+    io_mask = row_valid[:, None] & dim_mask[None, :]
+    q = tl.load(
+        q_ptr + token[:, None] * q_token_stride + head[:, None] * q_head_stride + dims[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
+    causal_limit = tl.where(row_valid, context_len + q_pos, -1)
+    kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
+    # Whole key tiles below the block's first query position are visible to every row.
+    unmasked_end = (context_len + q_block * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    head_offset = kv_head.to(tl.int64) * cache_head_stride
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
+        cache_block_stride, cache_slot_stride, 0, unmasked_end, causal_limit, qk_scale,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False,
+    )
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
+        cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+    )
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        out_ptr + token[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=io_mask,
+    )
+
+
+@triton.jit
+def _decode_paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    head_dim,
+    q_token_stride,
+    q_head_stride,
+    out_token_stride,
+    out_head_stride,
+    cache_block_stride,
+    cache_slot_stride,
+    cache_head_stride,
+    block_table_stride,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """One program: the single query token of one sequence x one KV head's query heads, over
+    partition ``program_id(2)`` of the context. With one partition it writes the output;
+    otherwise it writes unnormalised partials (acc, running max, running sum) for the merge.
+    Sequences with no query token (batch padding) are skipped."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - q_start != 1:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Partitions are sized from this sequence's own length, so every one has work when the
+    # context is long enough, whatever the batch's longest context.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_start = split * split_len
+    kv_end = tl.minimum(seq_len, kv_start + split_len)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP
+    head = kv_head * GROUP + rows
+    token = q_start.to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < head_dim
+    io_mask = row_valid[:, None] & dim_mask[None, :]
+    q = tl.load(
+        q_ptr + token * q_token_stride + head[:, None] * q_head_stride + dims[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
+    causal_limit = tl.where(row_valid, seq_len - 1, -1)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    head_offset = kv_head.to(tl.int64) * cache_head_stride
+    # Whole tiles need no mask; only the partition's ragged last tile does.
+    unmasked_end = kv_start + tl.maximum(kv_end - kv_start, 0) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
+        cache_block_stride, cache_slot_stride, kv_start, unmasked_end, causal_limit, qk_scale,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False,
+    )
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
+        cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+    )
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr + token * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=io_mask,
+        )
+    else:
+        # Partials are [num_seqs, num_heads, NUM_SPLITS] (x HEAD_DIM_PAD for acc), contiguous.
+        part = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + head) * NUM_SPLITS + split
+        tl.store(part_max_ptr + part, m_i, mask=row_valid)
+        tl.store(part_sum_ptr + part, l_i, mask=row_valid)
+        tl.store(
+            part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :],
+            acc,
+            mask=row_valid[:, None],
+        )
+
+
+@triton.jit
+def _merge_kv_splits_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    query_start_loc_ptr,
+    head_dim,
+    out_token_stride,
+    out_head_stride,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Combines one (sequence, head)'s partitions: rescale each by exp2(max_s - max) and divide
+    the summed accumulators by the summed softmax denominators."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - q_start != 1:
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    split_mask = splits < NUM_SPLITS
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    m = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"))
+    l = tl.load(part_sum_ptr + part, mask=split_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(weight * l, axis=0)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    acc = tl.load(
+        part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :],
+        mask=split_mask[:, None],
+        other=0.0,
+    )
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(
+        out_ptr + q_start.to(tl.int64) * out_token_stride + head * out_head_stride + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < head_dim,
+    )
+
+
+def choose_num_kv_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    num_sms: int,
+    config: AttentionKernelConfig = DEFAULT_ATTENTION_CONFIG,
+) -> int:
+    """Partitions per decode sequence: split only when (sequences x KV heads) leave SMs idle
+    and the longest context is long enough for every partition to stream real work."""
+    programs = max(1, num_seqs * num_kv_heads)
+    if programs >= num_sms:
+        return 1
+    by_occupancy = cdiv(config.split_waves * num_sms, programs)
+    by_length = max_seq_len // config.min_tokens_per_split
+    return max(1, min(config.max_kv_splits, by_occupancy, by_length))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_shapes(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+) -> None:
+    num_heads, head_dim = q.shape[1:]
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, block_size, kv_heads, {head_dim}]")
+    if num_heads % kv_cache.shape[3]:
+        raise ValueError(f"{num_heads} query heads do not group over {kv_cache.shape[3]} KV heads")
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
+        raise ValueError("query_start_loc needs num_seqs + 1 entries and block_tables num_seqs rows")
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q, kv_cache and block_tables need a unit stride on their last dimension")
+
+
+def paged_attention_triton(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+    num_kv_splits: int | None = None,
+    config: AttentionKernelConfig = DEFAULT_ATTENTION_CONFIG,
+) -> torch.Tensor:
+    """Triton paged attention; returns ``out`` ([num_tokens, num_heads, head_dim], q's dtype).
+
+    Launch sizes depend only on tensor shapes and the host bounds ``max_query_len`` (>= every
+    query length) and ``max_seq_len``, never on device data, so a captured CUDA graph replays
+    correctly with new metadata contents. ``max_query_len == 1`` selects the decode kernel,
+    which splits the context over ``num_kv_splits`` partitions (chosen from the SM count when
+    None; the CPU interpreter defaults to 1). Tokens past ``query_start_loc[-1]`` are padding
+    and their output rows are left as they are.
+    """
+    _check_shapes(q, kv_cache, block_tables, query_start_loc, seq_lens)
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q) if out is None else out
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    head_dim_pad = next_power_of_2(head_dim)
+    common = dict(
+        qk_scale=scale * _LOG2E,
+        head_dim=head_dim,
+        q_token_stride=q.stride(0),
+        q_head_stride=q.stride(1),
+        out_token_stride=out.stride(0),
+        out_head_stride=out.stride(1),
+        cache_block_stride=k_cache.stride(0),
+        cache_slot_stride=k_cache.stride(1),
+        cache_head_stride=k_cache.stride(2),
+        block_table_stride=block_tables.stride(0),
+        GROUP=group,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM_PAD=head_dim_pad,
+    )
+    if max_query_len > 1:
+        group_pad = next_power_of_2(group)
+        block_q = min(max(1, config.block_m // group_pad), next_power_of_2(max_query_len))
+        block_q = max(block_q, cdiv(_MIN_DOT_ROWS, group_pad))
+        grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+        _varlen_paged_attention_kernel[grid](
+            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, num_seqs,
+            GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=config.block_n, **common,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return out
+
+    if num_kv_splits is None:
+        num_kv_splits = 1
+        if q.is_cuda:
+            num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_seq_len, num_sms, config)
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    parts = (num_seqs, num_heads, num_kv_splits)
+    if num_kv_splits > 1:
+        part_acc = torch.empty(*parts, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_max = torch.empty(parts, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty(parts, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_max = part_sum = out  # unused by the single-partition kernel
+    block_m = max(_MIN_DOT_ROWS, next_power_of_2(group))
+    _decode_paged_attention_kernel[(num_seqs, num_kv_heads, num_kv_splits)](
+        q, k_cache, v_cache, out, part_acc, part_max, part_sum,
+        block_tables, query_start_loc, seq_lens,
+        BLOCK_M=block_m, NUM_SPLITS=num_kv_splits, BLOCK_N=config.decode_block_n, **common,
+        num_warps=config.decode_num_warps, num_stages=config.decode_num_stages,
+    )
+    if num_kv_splits > 1:
+        _merge_kv_splits_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_max, part_sum, query_start_loc,
+            head_dim, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_kv_splits,
+            SPLITS_PAD=next_power_of_2(num_kv_splits),
+            HEAD_DIM_PAD=head_dim_pad,
+        )
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """Paged attention: the Triton kernels on CUDA, the torch reference elsewhere (where the
+    host copies of the lengths cost no device sync)."""
+    if use_triton(q):
+        return paged_attention_triton(
+            q, kv_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+        )
+    query_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    return paged_attention_ref(q, kv_cache, block_tables, query_lens, seq_lens.tolist(), scale)

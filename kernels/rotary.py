@@ -7,6 +7,12 @@ from typing import Any
 
 import torch
 
+from pagedserve.kernels.triton_utils import next_power_of_2, tl, triton, use_triton
+
+# Heads rotated per loop step: a [heads, head_dim / 2] tile small enough to stay in registers.
+_ROTARY_HEADS_PER_STEP = 8
+
+
 
 def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2] in fp32; applies ``rope_type == "llama3"`` scaling."""
@@ -57,3 +63,138 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+@triton.jit
+def _rotary_heads(
+    x_ptr,
+    out_ptr,
+    token,
+    num_heads,
+    x_token_stride,
+    x_head_stride,
+    out_token_stride,
+    out_head_stride,
+    cos,
+    sin,
+    half_cols,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    col_mask = half_cols < HALF
+    for h0 in range(0, num_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < num_heads) & col_mask[None, :]
+        src = x_ptr + token * x_token_stride + heads[:, None] * x_head_stride + half_cols[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0)
+        dtype = x1.dtype
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        # Each product and the sum are rounded to the input dtype, as the reference's torch ops are.
+        out1 = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+        dst = out_ptr + token * out_token_stride + heads[:, None] * out_head_stride + half_cols[None, :]
+        tl.store(dst, out1, mask=mask)
+        tl.store(dst + HALF, out2, mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    positions_ptr,
+    cache_ptr,
+    num_heads,
+    num_kv_heads,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    q_out_token_stride,
+    q_out_head_stride,
+    k_out_token_stride,
+    k_out_head_stride,
+    cache_row_stride,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    half_cols = tl.arange(0, HALF_PAD)
+    col_mask = half_cols < HALF
+    cos = tl.load(cache_ptr + pos * cache_row_stride + half_cols, mask=col_mask, other=0.0)
+    sin = tl.load(cache_ptr + pos * cache_row_stride + HALF + half_cols, mask=col_mask, other=0.0)
+    # cos/sin are rounded to the activation dtype first, as the reference (and transformers) do.
+    dtype = q_ptr.dtype.element_ty
+    cos = cos.to(dtype).to(tl.float32)[None, :]
+    sin = sin.to(dtype).to(tl.float32)[None, :]
+    _rotary_heads(
+        q_ptr, q_out_ptr, token, num_heads, q_token_stride, q_head_stride,
+        q_out_token_stride, q_out_head_stride, cos, sin, half_cols, HALF, BLOCK_H,
+    )
+    _rotary_heads(
+        k_ptr, k_out_ptr, token, num_kv_heads, k_token_stride, k_head_stride,
+        k_out_token_stride, k_out_head_stride, cos, sin, half_cols, HALF, BLOCK_H,
+    )
+
+
+def apply_rotary_triton(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens] int64
+    cache: torch.Tensor,  # [max_position, head_dim] from cos_sin_cache
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton rotary embedding of q and k; ``inplace`` overwrites them (and returns them)."""
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or cache.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError("q, k and the cos/sin cache must share an even head_dim")
+    if q.dtype != k.dtype:
+        raise ValueError("q and k must share a dtype")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        if inplace:
+            raise ValueError("in-place rotary needs a unit stride on head_dim")
+        q, k = q.contiguous(), k.contiguous()
+    cache = cache if cache.stride(-1) == 1 else cache.contiguous()
+    q_out = q if inplace else torch.empty_like(q)
+    k_out = k if inplace else torch.empty_like(k)
+    num_tokens = q.shape[0]
+    if num_tokens > 0:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens,)](
+            q, k, q_out, k_out, positions, cache,
+            q.shape[1], k.shape[1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cache.stride(0),
+            HALF=half,
+            HALF_PAD=next_power_of_2(half),
+            BLOCK_H=_ROTARY_HEADS_PER_STEP,
+        )
+    return q_out, k_out
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cache: torch.Tensor,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding: the Triton kernel on CUDA, the torch reference elsewhere.
+
+    ``inplace`` lets the CUDA path write into q and k; the reference path copies its result
+    back so both paths honour it.
+    """
+    if use_triton(q):
+        return apply_rotary_triton(q, k, positions, cache, inplace=inplace)
+    q_rot, k_rot = apply_rotary_ref(q, k, positions, cache)
+    if inplace:
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+        return q, k
+    return q_rot, k_rot

@@ -38,6 +38,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Triton decode only: context partitions per sequence (split-KV); None lets the kernel
+    # choose from max_seq_len and the SM count. A CUDA graph may pin it at capture.
+    num_kv_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

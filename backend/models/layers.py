@@ -1,0 +1,384 @@
+"""Building blocks of Llama-family decoders, shaped for tensor parallelism.
+
+Every linear layer holds only its rank's slice of the full weight (``tp_rank`` of ``tp_size``)
+and has a ``weight_loader(param, loaded_weight, shard_id)`` that cuts that slice out of a
+full checkpoint tensor, so splitting a model over GPUs changes sizes, not loading code.
+
+Device dispatch lives in one place per op: the kernels' dispatchers
+(``pagedserve.kernels.rmsnorm.rms_norm`` and friends pick Triton on CUDA, the torch reference
+elsewhere), and GEMMs in ``linear`` below. Layers call those, never a kernel variant directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.kernels import rmsnorm as rmsnorm_ops
+from pagedserve.kernels import rotary as rotary_ops
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias: the one GEMM call site of the model layers."""
+    return F.linear(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} ({numerator}) is not divisible by tp_size ({denominator})")
+    return numerator // denominator
+
+
+def _check_tp(tp_rank: int, tp_size: int) -> None:
+    if tp_size < 1 or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"invalid tensor-parallel rank {tp_rank} of size {tp_size}")
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy with an explicit shape check: a silent broadcast would hide a wrong checkpoint."""
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+def _shard(loaded: torch.Tensor, dim: int, full_size: int, start: int, size: int) -> torch.Tensor:
+    """This rank's slice of a full checkpoint tensor, after checking it really is full-size
+    (a wrong size could otherwise slice cleanly and load the wrong numbers)."""
+    if loaded.dim() <= dim or loaded.shape[dim] != full_size:
+        raise ValueError(
+            f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected size {full_size} "
+            f"along dim {dim}"
+        )
+    return loaded.narrow(dim, start, size)
+
+
+def _new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding, norm, rotary
+# --------------------------------------------------------------------------------------------
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding, replicated on every rank (the vocabulary is not split)."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.weight = _new_param((vocab_size, hidden_size), dtype, device)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        _copy_checked(param, loaded_weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm that also takes the residual stream, so the add and the norm can fuse."""
+
+    def __init__(
+        self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _new_param((hidden_size,), dtype, device)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        _copy_checked(param, loaded_weight)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        if residual is None:
+            return rmsnorm_ops.rms_norm(x, self.weight, self.eps), x
+        return rmsnorm_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+# transformers' default base when a config names none.
+_DEFAULT_ROPE_THETA = 10000.0
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The model's RoPE settings as one dict with ``rope_theta`` and ``rope_type``.
+
+    transformers 5 keeps them in ``config.rope_parameters``; older releases in
+    ``config.rope_theta`` plus an optional ``config.rope_scaling``.
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        params = dict(params)
+    else:
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", _DEFAULT_ROPE_THETA))
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] == "llama3":
+        params.setdefault("original_max_position_embeddings", hf_config.max_position_embeddings)
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding with a precomputed fp32 cos/sin table for every position."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        params: dict[str, Any],
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise NotImplementedError("partial rotary embeddings are not supported")
+        inv_freq = rotary_ops.rope_inv_freq(head_dim, float(params["rope_theta"]), params)
+        cache = rotary_ops.cos_sin_cache(inv_freq, max_position)
+        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, head_dim], k [T, kv_heads, head_dim] -> rotated (q, k)."""
+        return rotary_ops.apply_rotary(q, k, positions, self.cos_sin_cache)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear layers
+# --------------------------------------------------------------------------------------------
+
+
+class _ShardedLinear(nn.Module):
+    """A linear layer holding this rank's ``[out_local, in_local]`` slice of the weight."""
+
+    def __init__(
+        self,
+        input_size_local: int,
+        output_size_local: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        _check_tp(tp_rank, tp_size)
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.weight = _new_param((output_size_local, input_size_local), dtype, device)
+        self.bias = _new_param((output_size_local,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """y = x W^T + b with W split along its output rows: each rank computes a slice of y."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        local = _divide(output_size, tp_size, "output size")
+        super().__init__(input_size, local, bias, dtype, device, tp_rank, tp_size)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
+        size = param.shape[0]
+        shard = _shard(loaded_weight, 0, size * self.tp_size, self.tp_rank * size, size)
+        _copy_checked(param, shard)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one GEMM (gate and up).
+
+    The local weight is ``[shard_0 | shard_1 | ...]``, each shard being this rank's slice of
+    that projection; ``shard_id`` is the index of the projection a checkpoint tensor belongs to.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, dtype, device, tp_rank, tp_size)
+        self.local_sizes = [_divide(s, tp_size, "output size") for s in self.output_sizes]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.local_sizes):
+            raise ValueError(f"shard id must be 0..{len(self.local_sizes) - 1}, got {shard_id!r}")
+        size = self.local_sizes[shard_id]
+        offset = sum(self.local_sizes[:shard_id])
+        full = self.output_sizes[shard_id]
+        source = _shard(loaded_weight, 0, full, self.tp_rank * size, size)
+        _copy_checked(param.data.narrow(0, offset, size), source)
+
+
+class QKVParallelLinear(_ShardedLinear):
+    """Fused q/k/v projection; the local weight is ``[q | k | v]`` for this rank's heads.
+
+    Query heads are split over ranks. KV heads are split too when there are at least as many
+    as ranks; with fewer (GQA at high TP) each KV head is replicated on the ranks whose query
+    heads use it.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        self.head_dim = head_dim
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
+        self.num_heads = _divide(num_heads, tp_size, "number of attention heads")
+        if num_kv_heads >= tp_size:
+            self.num_kv_heads = _divide(num_kv_heads, tp_size, "number of KV heads")
+            self.kv_head_start = tp_rank * self.num_kv_heads
+        else:
+            if tp_size % num_kv_heads != 0:
+                raise ValueError(
+                    f"tp_size ({tp_size}) is not a multiple of the KV heads ({num_kv_heads})"
+                )
+            self.num_kv_heads = 1
+            self.kv_head_start = tp_rank // (tp_size // num_kv_heads)
+        local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, local_out, bias, dtype, device, tp_rank, tp_size)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        kv_start = self.kv_head_start * self.head_dim
+        kv_full = self.total_num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
+            full = self.total_num_heads * self.head_dim
+        elif shard_id == "k":
+            offset, size, start, full = self.q_size, self.kv_size, kv_start, kv_full
+        elif shard_id == "v":
+            offset, size, start, full = self.q_size + self.kv_size, self.kv_size, kv_start, kv_full
+        else:
+            raise ValueError(f"shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+        source = _shard(loaded_weight, 0, full, start, size)
+        _copy_checked(param.data.narrow(0, offset, size), source)
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, local_out] -> q [T, heads, d], k and v [T, kv_heads, d] (views)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (
+            q.view(-1, self.num_heads, self.head_dim),
+            k.view(-1, self.num_kv_heads, self.head_dim),
+            v.view(-1, self.num_kv_heads, self.head_dim),
+        )
+
+
+class RowParallelLinear(_ShardedLinear):
+    """y = x W^T + b with W split along its input columns; partial sums are all-reduced.
+
+    The input is expected already split (the output of a column-parallel layer). The bias is
+    added by rank 0 only, so the all-reduced sum holds it once.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        reduce_results: bool = True,
+    ) -> None:
+        local = _divide(input_size, tp_size, "input size")
+        super().__init__(local, output_size, bias, dtype, device, tp_rank, tp_size)
+        self.reduce_results = reduce_results
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
+        if param.dim() == 2:
+            size = param.shape[1]
+            loaded_weight = _shard(loaded_weight, 1, size * self.tp_size, self.tp_rank * size, size)
+        _copy_checked(param, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp_rank == 0 else None
+        out = linear(x, self.weight, bias)
+        if self.tp_size > 1 and self.reduce_results:
+            dist.all_reduce(out)
+        return out
+
+
+class LMHead(nn.Module):
+    """Hidden states to fp32 logits; shares the embedding matrix when the model ties them."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tied_embedding: VocabEmbedding | None = None,
+    ) -> None:
+        super().__init__()
+        self.tied = tied_embedding is not None
+        if tied_embedding is not None:
+            self.weight = tied_embedding.weight
+        else:
+            self.weight = _new_param((vocab_size, hidden_size), dtype, device)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        _copy_checked(param, loaded_weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.weight, None).float()

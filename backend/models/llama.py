@@ -1,0 +1,315 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM) over the paged KV cache.
+
+The forward takes one flat step batch (prefill chunks and decode tokens mixed) and hands
+attention to an ``AttentionBackend``; transformers supplies the config only. Parameter names
+follow the Hugging Face checkpoints except where projections are fused (``qkv_proj``,
+``gate_up_proj``); ``load_weights`` maps the checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.layers import (
+    LMHead,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabEmbedding,
+    rope_parameters,
+)
+from pagedserve.backend.runner.attention import AttentionBackend, AttentionMetadata
+from pagedserve.kernels import activation as activation_ops
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Checkpoint projection name -> (fused parameter name, shard id).
+_STACKED_PARAMS: dict[str, tuple[str, str | int]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+# Buffers some older checkpoints carry; recomputed here, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _attention_biases(hf_config: Any) -> tuple[bool, bool]:
+    """(bias on q/k/v, bias on o_proj): Qwen2 always has the first and never the second;
+    Llama and Mistral follow ``attention_bias`` for both."""
+    if hf_config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(hf_config, "attention_bias", False))
+    return bias, bias
+
+
+def head_dim_of(hf_config: Any) -> int:
+    head_dim = getattr(hf_config, "head_dim", None)
+    return int(head_dim) if head_dim else hf_config.hidden_size // hf_config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        rotary_emb: RotaryEmbedding,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        head_dim = head_dim_of(hf_config)
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        qkv_bias, o_bias = _attention_biases(hf_config)
+        self.qkv_proj = QKVParallelLinear(
+            hf_config.hidden_size,
+            head_dim,
+            num_heads,
+            num_kv_heads,
+            qkv_bias,
+            dtype,
+            device,
+            tp_rank,
+            tp_size,
+        )
+        self.o_proj = RowParallelLinear(
+            num_heads * head_dim, hf_config.hidden_size, o_bias, dtype, device, tp_rank, tp_size
+        )
+        self.rotary_emb = rotary_emb
+        self.attn_backend = attn_backend
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
+        return self.o_proj(out.reshape(out.shape[0], -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        if hf_config.hidden_act != "silu":
+            raise ModelLoadError(f"activation {hf_config.hidden_act!r} is not supported (silu)")
+        bias = bool(getattr(hf_config, "mlp_bias", False))
+        inter = hf_config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hf_config.hidden_size, [inter, inter], bias, dtype, device, tp_rank, tp_size
+        )
+        self.down_proj = RowParallelLinear(
+            inter, hf_config.hidden_size, bias, dtype, device, tp_rank, tp_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(activation_ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        rotary_emb: RotaryEmbedding,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        eps = hf_config.rms_norm_eps
+        self.self_attn = LlamaAttention(
+            hf_config, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
+        )
+        self.mlp = LlamaMLP(hf_config, dtype, device, tp_rank, tp_size)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, residual stream before it); the caller adds them
+        inside the next norm, so every residual add fuses with a norm."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(
+            hf_config.vocab_size, hf_config.hidden_size, dtype, device
+        )
+        rotary_emb = RotaryEmbedding(
+            head_dim_of(hf_config),
+            hf_config.max_position_embeddings,
+            rope_parameters(hf_config),
+            device,
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size)
+            for _ in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV caches, got {len(kv_caches)}")
+        hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The runner's model: ``forward`` gives final hidden states, ``compute_logits`` fp32
+    logits for the rows the sampler needs (so the vocab projection skips prompt tokens)."""
+
+    def __init__(
+        self,
+        hf_config: Any,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(
+                f"model type {hf_config.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, attn_backend, dtype, device, tp_rank, tp_size)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = LMHead(
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            dtype,
+            device,
+            tied_embedding=self.model.embed_tokens if self.tie_word_embeddings else None,
+        )
+        qkv = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.qkv_proj
+        self.num_layers: int = hf_config.num_hidden_layers
+        self.num_kv_heads: int = qkv.num_kv_heads  # per rank: what this rank's cache holds
+        self.head_dim: int = qkv.head_dim
+        self.vocab_size: int = hf_config.vocab_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in through each parameter's weight_loader.
+
+        Raises ModelLoadError on an unknown name, a shape mismatch or a missing parameter, so a
+        checkpoint of another architecture never loads half-way.
+        """
+        params = dict(self.named_parameters())
+        owners = {
+            f"{module_name}.{param_name}" if module_name else param_name: module
+            for module_name, module in self.named_modules()
+            for param_name, _ in module.named_parameters(recurse=False)
+        }
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            target, shard_id = self._target(name)
+            if target not in params:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in this model")
+            try:
+                owners[target].weight_loader(params[target], tensor, shard_id)
+            except ValueError as exc:
+                raise ModelLoadError(f"checkpoint tensor {name!r}: {exc}") from exc
+            loaded.add(target if shard_id is None else f"{target}:{shard_id}")
+        expected = self._expected_loads(params)
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+    @staticmethod
+    def _target(name: str) -> tuple[str, str | int | None]:
+        """Checkpoint name -> (our parameter name, shard id or None)."""
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in _STACKED_PARAMS:
+                fused, shard_id = _STACKED_PARAMS[part]
+                return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard_id
+        return name, None
+
+    @staticmethod
+    def _expected_loads(params: dict[str, nn.Parameter]) -> set[str]:
+        """Every (parameter, shard) a complete checkpoint fills."""
+        shards: dict[str, list[str | int]] = {}
+        for fused, shard_id in _STACKED_PARAMS.values():
+            shards.setdefault(fused, []).append(shard_id)
+        expected: set[str] = set()
+        for name in params:
+            fused = name.split(".")[-2]
+            if fused in shards:
+                expected.update(f"{name}:{shard_id}" for shard_id in shards[fused])
+            else:
+                expected.add(name)
+        return expected

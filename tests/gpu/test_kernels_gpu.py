@@ -1,0 +1,230 @@
+"""Device-only kernel checks: bf16 against the torch references, CUDA-graph replay of the
+attention launch with new metadata, and the decode kernel's achieved K/V bandwidth.
+
+Run: ``pytest tests/gpu -s`` (``-s`` shows the bandwidth table). Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedserve.kernels.activation import silu_and_mul, silu_and_mul_ref
+from pagedserve.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
+from pagedserve.kernels.paged_attention import (
+    DEFAULT_ATTENTION_CONFIG,
+    choose_num_kv_splits,
+    paged_attention_ref,
+    paged_attention_triton,
+)
+from pagedserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from pagedserve.kernels.rotary import apply_rotary, apply_rotary_ref, cos_sin_cache, rope_inv_freq
+from tests.kernels.paged_batch import Batch, make_batch, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+# Llama-3-8B attention shape: 32 query heads over 8 KV heads of 128.
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+# bf16 has 8 mantissa bits: one ulp at 1.0 is 7.8e-3; attention also rounds P to bf16.
+BF16_ATTENTION_ATOL = 2e-2
+FP16_ATTENTION_ATOL = 4e-3
+
+
+def _run(batch: Batch, **kwargs: object) -> torch.Tensor:
+    return paged_attention_triton(
+        batch.q, batch.kv_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens,
+        HEAD_DIM**-0.5, max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens_list),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _max_err(out: torch.Tensor, ref: torch.Tensor, rows: int) -> float:
+    return (out[:rows].float() - ref[:rows].float()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, BF16_ATTENTION_ATOL), (torch.float16, FP16_ATTENTION_ATOL)])
+def test_attention_realistic_shapes(dtype: torch.dtype, atol: float) -> None:
+    """A long prefill chunk over a cached prefix, a fresh prefill and long decodes."""
+    query_lens, context_lens = [512, 300, 1, 1, 1, 0], [1500, 0, 4000, 17, 2047, 3]
+    batch = make_batch(query_lens, context_lens, HEADS, KV_HEADS, HEAD_DIM, dtype, CUDA)
+    ref = reference(batch, HEAD_DIM**-0.5)
+    err = _max_err(_run(batch), ref, batch.num_real_tokens)
+    assert err <= atol, err
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, BF16_ATTENTION_ATOL), (torch.float16, FP16_ATTENTION_ATOL)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 8, 64), (32, 8, 128), (32, 4, 128)])
+def test_decode_split_kv(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, atol: float) -> None:
+    batch = make_batch([1] * 3, [6000, 700, 33], num_heads, num_kv_heads, head_dim, dtype, CUDA)
+    ref = reference(batch, HEAD_DIM**-0.5)
+    for splits in (1, 7, 32, None):
+        err = _max_err(_run(batch, num_kv_splits=splits), ref, 3)
+        assert err <= atol, (splits, err)
+
+
+def test_bf16_elementwise_kernels() -> None:
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    x = torch.randn(64, 4096, device=CUDA, generator=gen, dtype=torch.bfloat16) * 3
+    residual = torch.randn_like(x)
+    weight = 1 + 0.1 * torch.randn(4096, device=CUDA, generator=gen, dtype=torch.bfloat16)
+    # bf16: the normalised value's and the product's roundings may each differ by one ulp.
+    tol = dict(rtol=1.6e-2, atol=1e-5)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **tol)
+    out, summed = fused_add_rms_norm(x, residual, weight, 1e-5)
+    ref_out, ref_summed = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
+    assert torch.equal(summed, ref_summed)
+    torch.testing.assert_close(out, ref_out, **tol)
+
+    gate_up = torch.randn(64, 2 * 7168, device=CUDA, generator=gen, dtype=torch.bfloat16) * 4
+    torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), rtol=1.6e-2, atol=1e-2)
+
+    q = torch.randn(64, HEADS, HEAD_DIM, device=CUDA, generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(64, KV_HEADS, HEAD_DIM, device=CUDA, generator=gen, dtype=torch.bfloat16)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cache = cos_sin_cache(rope_inv_freq(HEAD_DIM, 500000.0, scaling), 131072).to(CUDA)
+    positions = torch.randint(0, 131072, (64,), device=CUDA, generator=gen)
+    for got, want in zip(apply_rotary(q, k, positions, cache), apply_rotary_ref(q, k, positions, cache)):
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+
+    kv_cache = torch.full((2, 32, 16, KV_HEADS, HEAD_DIM), -7.0, device=CUDA, dtype=torch.bfloat16)
+    slots = torch.randperm(32 * 16, device=CUDA, generator=gen)[:64]
+    slots[::3] = -1
+    expected = kv_cache.clone()
+    write_kv_cache_ref(k, k * 2, expected, slots)
+    write_kv_cache(k, k * 2, kv_cache, slots)
+    assert torch.equal(kv_cache, expected)
+
+
+@pytest.mark.parametrize(
+    "query_lens_a,context_lens_a,query_lens_b,context_lens_b,splits",
+    [
+        ([1, 1, 1, 1], [30, 900, 5, 260], [1, 1, 1, 1], [700, 2, 129, 64], 4),
+        ([1, 1, 1, 1], [30, 900, 5, 260], [1, 1, 0, 1], [40, 17, 0, 990], 1),
+        ([7, 1, 5, 3], [0, 300, 20, 41], [1, 8, 2, 5], [500, 0, 311, 90], None),
+    ],
+)
+def test_cuda_graph_replay_with_new_metadata(
+    query_lens_a: list[int], context_lens_a: list[int],
+    query_lens_b: list[int], context_lens_b: list[int], splits: int | None,
+) -> None:
+    """Capture with one batch's metadata, replay with another's: same shapes, new contents
+    (lengths, block tables, queries, cache); padding tokens and idle sequences included."""
+    max_query_len = max(query_lens_a + query_lens_b)
+    max_seq_len = 1024  # the graph's bound, not either batch's
+    table_width = max_seq_len // 16
+    static = make_batch(query_lens_a, context_lens_a, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, CUDA)
+    static.block_tables = F.pad(static.block_tables, (0, table_width - static.block_tables.shape[1]))
+    num_tokens, num_blocks = static.q.shape[0], static.kv_cache.shape[1]
+    assert sum(query_lens_b) <= num_tokens
+
+    out = torch.empty_like(static.q)
+
+    def launch() -> None:
+        paged_attention_triton(
+            static.q, static.kv_cache, static.block_tables, static.query_start_loc, static.seq_lens,
+            HEAD_DIM**-0.5, max_query_len=max_query_len, max_seq_len=max_seq_len, out=out,
+            num_kv_splits=splits,
+        )
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launch()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    seq_lens_b = [c + n for c, n in zip(context_lens_b, query_lens_b)]
+    static.q.copy_(torch.randn(static.q.shape, generator=gen, device=CUDA))
+    static.kv_cache.copy_(torch.randn(static.kv_cache.shape, generator=gen, device=CUDA))
+    static.block_tables.copy_(torch.randint(0, num_blocks, static.block_tables.shape, generator=gen, device=CUDA))
+    static.query_start_loc.copy_(torch.tensor([0] + torch.tensor(query_lens_b).cumsum(0).tolist()))
+    static.seq_lens.copy_(torch.tensor(seq_lens_b))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = paged_attention_ref(static.q, static.kv_cache, static.block_tables, query_lens_b, seq_lens_b, HEAD_DIM**-0.5)
+    err = _max_err(out, ref, sum(query_lens_b))
+    assert err <= BF16_ATTENTION_ATOL, err
+
+
+def _decode_cache(
+    batch_size: int, seq_len: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Equal-length decode batch over a shuffled cache, built on the device."""
+    block_size = 16
+    blocks_per_seq = seq_len // block_size
+    num_blocks = batch_size * blocks_per_seq
+    kv_cache = torch.randn(2, num_blocks, block_size, KV_HEADS, HEAD_DIM, device=CUDA, dtype=dtype)
+    block_tables = torch.randperm(num_blocks, device=CUDA).int().view(batch_size, blocks_per_seq)
+    q = torch.randn(batch_size, HEADS, HEAD_DIM, device=CUDA, dtype=dtype)
+    qsl = torch.arange(batch_size + 1, device=CUDA, dtype=torch.int32)
+    seq_lens = torch.full((batch_size,), seq_len, device=CUDA, dtype=torch.int32)
+    return q, kv_cache, block_tables, qsl, seq_lens
+
+
+def _time_ms(fn: object, iters: int = 20) -> float:
+    """Median of CUDA-event timings after warm-up."""
+    for _ in range(3):
+        fn()  # type: ignore[operator]
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()  # type: ignore[operator]
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+# (batch, context): from one long sequence (split-KV territory) to a large batch.
+DECODE_SHAPES = [(1, 32768), (4, 16384), (16, 4096), (64, 2048), (256, 1024)]
+
+
+def test_decode_bandwidth() -> None:
+    """Achieved K/V bandwidth of the decode kernel (bytes of K and V read / time), beside a
+    dense SDPA over the same (unpaged, contiguous) K/V and a device copy of those bytes."""
+    dtype = torch.bfloat16
+    num_sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    print(f"\n{torch.cuda.get_device_name()}: decode, {HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}, bf16, block 16")
+    print(f"{'batch':>5} {'ctx':>6} {'splits':>6} {'ms':>8} {'GB/s':>7} {'1-split GB/s':>12} {'SDPA GB/s':>9} {'copy GB/s':>9}")
+    for batch_size, seq_len in DECODE_SHAPES:
+        q, kv_cache, block_tables, qsl, seq_lens = _decode_cache(batch_size, seq_len, dtype)
+        kv_bytes = batch_size * seq_len * KV_HEADS * HEAD_DIM * 2 * kv_cache.element_size()
+        splits = choose_num_kv_splits(batch_size, KV_HEADS, seq_len, num_sms, DEFAULT_ATTENTION_CONFIG)
+
+        def run(num_kv_splits: int | None = None) -> torch.Tensor:
+            return paged_attention_triton(
+                q, kv_cache, block_tables, qsl, seq_lens, HEAD_DIM**-0.5,
+                max_query_len=1, max_seq_len=seq_len, num_kv_splits=num_kv_splits,
+            )
+
+        # Correctness on this shape first (the reference gathers every block: skip the largest).
+        if batch_size * seq_len <= 65536:
+            ref = paged_attention_ref(q, kv_cache, block_tables, [1] * batch_size, [seq_len] * batch_size, HEAD_DIM**-0.5)
+            assert _max_err(run(), ref, batch_size) <= BF16_ATTENTION_ATOL
+
+        ms = _time_ms(run)
+        ms_single = _time_ms(lambda: run(1))
+        # Peers: dense K/V in [batch, kv_heads, ctx, head_dim], same bytes.
+        k_dense = kv_cache[0].view(batch_size, seq_len, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v_dense = kv_cache[1].view(batch_size, seq_len, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        k_dense, v_dense = k_dense.contiguous(), v_dense.contiguous()
+        q_dense = q.unsqueeze(2)
+        ms_sdpa = _time_ms(lambda: F.scaled_dot_product_attention(q_dense, k_dense, v_dense, enable_gqa=True))
+        flat = kv_cache.view(-1)
+        dst = torch.empty_like(flat)
+        ms_copy = _time_ms(lambda: dst.copy_(flat))
+        gbps = lambda t: kv_bytes / t / 1e6  # noqa: E731
+        print(f"{batch_size:>5} {seq_len:>6} {splits:>6} {ms:>8.3f} {gbps(ms):>7.0f} {gbps(ms_single):>12.0f}"
+              f" {gbps(ms_sdpa):>9.0f} {2 * gbps(ms_copy):>9.0f}")
+        if splits > 1:
+            assert ms < ms_single, "split-KV should beat one partition where it is chosen"
+        del kv_cache, k_dense, v_dense, dst, flat
+        torch.cuda.empty_cache()
+
