@@ -101,17 +101,21 @@ def _decode_batch(
     out[token_rows] = o.squeeze(2)
 
 
+# tl.dot needs at least 16 rows (and columns); decode programs pad their query heads up to it.
+_MIN_DOT_ROWS = 16
+
+
 @dataclass(frozen=True)
 class AttentionKernelConfig:
     """Tile sizes and the split-KV policy of the Triton path (defaults suit H100-class GPUs)."""
 
     # Varlen (prefill / mixed) kernel. block_m: query rows one program holds, i.e. query tokens
-    # x the query heads of one KV head. block_n: keys per inner-loop tile, any multiple of 16
-    # (it need not match the cache block size).
-    block_m: int = 128
+    # x the query heads of one KV head. block_n: keys per inner-loop tile, which need not match
+    # the cache block size. Both are powers of two >= 16.
+    block_m: int = 64
     block_n: int = 32
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     # Decode kernel (one query token per sequence).
     decode_block_n: int = 64
     decode_num_warps: int = 2
@@ -122,10 +126,14 @@ class AttentionKernelConfig:
     max_kv_splits: int = 32
     min_tokens_per_split: int = 256
 
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "decode_block_n"):
+            value = getattr(self, name)
+            if value < _MIN_DOT_ROWS or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {_MIN_DOT_ROWS}, got {value}")
+
 
 DEFAULT_ATTENTION_CONFIG = AttentionKernelConfig()
-# tl.dot needs at least 16 rows; decode programs pad their query heads up to it.
-_MIN_DOT_ROWS = 16
 _LOG2E = 1.4426950408889634
 
 
@@ -207,7 +215,8 @@ def _find_sequence(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr
     return lo - 1
 
 
-@triton.jit
+# num_seqs varies per step: keep one compiled kernel for all values (1 included).
+@triton.jit(do_not_specialize=["num_seqs"])
 def _varlen_paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -487,6 +496,8 @@ def paged_attention_triton(
     and their output rows are left as they are.
     """
     _check_shapes(q, kv_cache, block_tables, query_start_loc, seq_lens)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError("out must match q in shape and dtype, with a unit stride on head_dim")
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     num_seqs = seq_lens.shape[0]

@@ -3,10 +3,18 @@
 The runner owns the model, the KV cache tensors and the sampler. It never decides who runs: it
 reads the scheduler's output (which requests, how many new tokens each, their block tables) and
 returns one token per request whose step reached the end of its known tokens.
+
+With tensor parallelism there is one runner per rank, each holding its shard of the model and
+of the KV cache. Rank 0's runner (in the engine process) starts the others
+(``TensorParallelLeader``), builds each step's ``StepBatch`` and sends it to them; every rank
+then runs the same forward (``run_batch``), and rank 0 alone samples.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,18 +23,42 @@ import torch
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
+from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
 from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
 from pagedserve.backend.runner.cuda_graph import DecodeGraphs
+from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
 from pagedserve.backend.runner.sampler import Sampler, SamplingBatch
+from pagedserve.backend.runner.step_batch import StepBatch
+from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 
 GIB = 1 << 30
+# How long shutdown waits for an in-flight step before stopping the workers without a word.
+_SHUTDOWN_STEP_WAIT_S = 30.0
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def rank_device(name: str, local_rank: int) -> torch.device:
+    """A tensor-parallel rank's device: GPU ``local_rank`` (modulo the visible GPUs, so one GPU
+    per node or per container also works) unless the config names an index."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return device
+
+
+def _rank0_local_rank() -> int:
+    """LOCAL_RANK when rank 0 was started with torch.distributed's variables, else 0."""
+    try:
+        env = LaunchEnv.from_environ()
+    except ValueError:
+        return 0  # TensorParallelLeader.launch reports the incomplete environment
+    return 0 if env is None or env.local_rank is None else env.local_rank
 
 
 @dataclass
@@ -39,14 +71,57 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        group: TensorParallelGroup | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Rank 0 (the engine) passes only ``config`` and starts the other ranks itself when
+        ``tensor_parallel_size > 1``; a worker passes the group it joined and its device."""
         self.config = config
-        self.device = resolve_device(config.model.device)
+        self.tp_size = config.parallel.tensor_parallel_size
+        if device is None:
+            device = (
+                resolve_device(config.model.device)
+                if self.tp_size == 1
+                else rank_device(config.model.device, _rank0_local_rank())
+            )
+        self.device = device
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
+        self.leader: TensorParallelLeader | None = None
+        if self.tp_size > 1 and group is None:
+            self.leader = TensorParallelLeader.launch(config, self.device)
+            group = self.leader.group
+        self.group = group
+        self.rank = 0 if group is None else group.rank
+        # Held for a whole step, so shutdown never talks to the workers mid-step.
+        self._step_lock = threading.Lock()
+        try:
+            self._load()
+        except BaseException:
+            self.shutdown()
+            raise
+        if self.leader is not None:
+            self.leader.start_monitor()
+
+    def _load(self) -> None:
+        config = self.config
         torch.manual_seed(config.model.seed)
         self.attn_backend = get_attention_backend(self.device)
-        self.loaded: LoadedModel = load_model(config.model, self.device, self.dtype, self.attn_backend)
+        group = self.group
+        try:
+            self.loaded: LoadedModel = load_model(
+                config.model, self.device, self.dtype, self.attn_backend, self.rank, self.tp_size
+            )
+        except BaseException as exc:
+            if group is not None:
+                group.report_loaded(exc)
+            raise
+        if group is not None:
+            group.report_loaded(None)
+            group.wait_loaded(self.leader.check_processes if self.leader else lambda: None)
         self.model = self.loaded.model
         self.max_model_len = self.loaded.max_model_len
         generator = torch.Generator(device=self.device)
@@ -54,10 +129,34 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self.generators: dict[str, torch.Generator] = {}
         self.num_blocks = self._num_kv_blocks()
+        if group is not None:  # every rank must hold the same block count
+            self.num_blocks = group.all_reduce_min(self.num_blocks)
         self.kv_caches = self._allocate_kv_caches(self.num_blocks)
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             self.decode_graphs = self._capture_decode_graphs()
+
+    # -- tensor-parallel lifecycle ---------------------------------------------------------
+    def add_failure_listener(self, listener: Callable[[str], None]) -> None:
+        """``listener(reason)`` runs (on a monitor thread) when a tensor-parallel worker dies."""
+        if self.leader is not None:
+            self.leader.add_death_listener(listener)
+
+    def check_alive(self) -> None:
+        """Raise EngineDeadError once a tensor-parallel worker has died."""
+        if self.leader is not None and self.leader.dead_reason is not None:
+            raise EngineDeadError(self.leader.dead_reason)
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (rank 0); a no-op without tensor parallelism."""
+        if self.leader is None:
+            return
+        idle = self._step_lock.acquire(timeout=_SHUTDOWN_STEP_WAIT_S)
+        try:
+            self.leader.shutdown(graceful=idle)
+        finally:
+            if idle:
+                self._step_lock.release()
 
     # -- sizing ----------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -142,12 +241,9 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     # -- execution -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        bs = self.block_size
+    def build_batch(self, sched: SchedulerOutput) -> tuple[StepBatch, list[Request]]:
+        """The step's flat batch, and the requests whose last row is sampled (in row order)."""
         ids: list[np.ndarray] = []
-        pos: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
@@ -163,45 +259,82 @@ class ModelRunner:
                 ids.append(np.array([req.token_at(start)], dtype=np.int64))
             else:
                 ids.append(np.array(req.all_token_ids[start:end], dtype=np.int64))
-            p = np.arange(start, end, dtype=np.int64)
-            table = np.asarray(req.block_ids, dtype=np.int64)
-            tables[i, : len(table)] = table
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
+            tables[i, : len(req.block_ids)] = req.block_ids
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
             row_end += s.num_new_tokens
             if s.samples:
                 sample_rows.append(row_end - 1)
                 samplers.append(req)
+        batch = StepBatch(
+            input_ids=np.concatenate(ids),
+            query_lens=np.asarray(query_lens, dtype=np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            block_tables=tables,
+            sample_rows=np.asarray(sample_rows, dtype=np.int64),
+        )
+        return batch, samplers
 
-        dev = self.device
-        query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=query_start[1:])
-        metadata = AttentionMetadata(
-            slot_mapping=self._to_device(np.concatenate(slots)),
-            query_start_loc=self._to_device(query_start),
-            seq_lens=self._to_device(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=self._to_device(tables),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        input_ids = self._to_device(np.concatenate(ids))
-        positions = self._to_device(np.concatenate(pos))
-        if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
-            hidden = self.decode_graphs.run(input_ids, positions, metadata)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        if not samplers:
-            return StepResult([], [], [])
-        logits = self.model.compute_logits(hidden[self._to_device(np.asarray(sample_rows))])
-        batch = SamplingBatch.from_requests(
-            samplers,
-            logits.shape[-1],
-            dev,
-            [self.generators.get(r.request_id) for r in samplers],
-        )
-        out = self.sampler(logits, batch)
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        batch, samplers = self.build_batch(sched)
+        with self._step_lock:
+            if self.leader is None:
+                logits = self.run_batch(batch)
+            else:
+                logits = self._run_with_workers(batch)
+            if logits is None:
+                return StepResult([], [], [])
+            sampling = SamplingBatch.from_requests(
+                samplers,
+                logits.shape[-1],
+                self.device,
+                [self.generators.get(r.request_id) for r in samplers],
+            )
+            out = self.sampler(logits, sampling)
         return StepResult(samplers, out.token_ids, out.logprobs)
+
+    def _run_with_workers(self, batch: StepBatch) -> torch.Tensor | None:
+        """Rank 0's half of a tensor-parallel step. Any failure once the batch is out leaves
+        the ranks out of step (or one of them gone): the engine cannot go on."""
+        assert self.leader is not None and self.group is not None
+        self.check_alive()
+        try:
+            with self._on_device():
+                self.group.send_step(batch)
+                logits = self.run_batch(batch)
+                if self.device.type == "cuda":  # surface a failed collective here
+                    torch.cuda.current_stream(self.device).synchronize()
+                return logits
+        except Exception as exc:
+            reason = self.leader.dead_reason or f"tensor-parallel step failed: {exc}"
+            raise EngineDeadError(reason) from exc
+
+    def _on_device(self) -> AbstractContextManager[object]:
+        """NCCL calls use the thread's current device; the engine thread is not the loader's."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
+    @torch.inference_mode()
+    def run_batch(self, batch: StepBatch) -> torch.Tensor | None:
+        """The forward every rank runs for a step: fp32 logits of the sampled rows (None when
+        the step samples nothing)."""
+        positions = batch.positions()
+        metadata = AttentionMetadata(
+            slot_mapping=self._to_device(batch.slot_mapping(positions, self.block_size)),
+            query_start_loc=self._to_device(batch.query_start_loc()),
+            seq_lens=self._to_device(batch.seq_lens),
+            block_tables=self._to_device(batch.block_tables),
+            max_query_len=int(batch.query_lens.max()),
+            max_seq_len=int(batch.seq_lens.max()),
+            query_lens_cpu=batch.query_lens.tolist(),
+            seq_lens_cpu=batch.seq_lens.tolist(),
+        )
+        input_ids = self._to_device(batch.input_ids)
+        positions_t = self._to_device(positions)
+        if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
+            hidden = self.decode_graphs.run(input_ids, positions_t, metadata)
+        else:
+            hidden = self.model(input_ids, positions_t, self.kv_caches, metadata)
+        if len(batch.sample_rows) == 0:
+            return None
+        return self.model.compute_logits(hidden[self._to_device(batch.sample_rows)])

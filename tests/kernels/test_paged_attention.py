@@ -126,6 +126,14 @@ def test_bad_shapes_raise_value_error() -> None:
         )
 
 
+def test_bad_config_and_out_raise() -> None:
+    with pytest.raises(ValueError, match="block_n"):
+        AttentionKernelConfig(block_n=24)
+    batch = make_batch([2], [3], 4, 2, 64, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="out must match"):
+        run_triton(batch, 0.1, out=torch.empty_like(batch.q, dtype=torch.float16))
+
+
 def test_choose_num_kv_splits() -> None:
     config = AttentionKernelConfig(split_waves=2, max_kv_splits=32, min_tokens_per_split=256)
     # Enough (sequence, KV head) programs to fill the GPU: no split.
