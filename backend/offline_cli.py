@@ -220,7 +220,8 @@ def bench_transformers(target: PeerTarget, workload: Workload, continuous: bool)
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if target.dummy or target.model_dir is None:
-        model = AutoModelForCausalLM.from_config(target.hf_config, dtype=target.dtype)
+        with target.device:  # initialise the random weights where they will run
+            model = AutoModelForCausalLM.from_config(target.hf_config, dtype=target.dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(target.model_dir), dtype=target.dtype)
     model = model.to(target.device).eval()
@@ -231,7 +232,8 @@ def bench_transformers(target: PeerTarget, workload: Workload, continuous: bool)
     )
     sync = _synchronizer(target.device)
     warmup = Workload(2, 16, 4, seed=workload.seed + 1).prompts(target.vocab_size, target.special_ids)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: generate_batch updates its own buffers in place.
+    with torch.no_grad():
         if continuous:
             model.generate_batch(inputs=warmup, generation_config=gen)
             sync()
@@ -262,5 +264,5 @@ def print_table(workload: Workload, results: list[BenchResult], device: str) -> 
     print(f"{'system':<32}{'seconds':>10}{'output tok/s':>16}")
     for r in results:
         print(f"{r.system:<32}{r.seconds:>10.2f}{r.output_tokens_per_s:>16.1f}")
-    if len(results) > 1:
+    if len(results) > 1 and results[1].output_tokens_per_s > 0:
         print(f"ratio pagedserve / peer: {results[0].output_tokens_per_s / results[1].output_tokens_per_s:.2f}x")

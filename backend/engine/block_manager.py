@@ -51,6 +51,8 @@ class BlockManager:
         self._cached: dict[BlockHash, int] = {}
         # Per-request chained hashes of its full blocks (computed once per block).
         self._hashes: dict[str, list[BlockHash]] = {}
+        # Per-request count of leading full blocks already offered to the prefix index.
+        self._registered: dict[str, int] = {}
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # prompt tokens found
 
@@ -108,8 +110,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = request.num_computed_tokens // self.block_size
+        done = self._registered.get(request.request_id, 0)
+        if num_full <= done:
+            return
         hashes = self._request_hashes(request, num_full)
-        for i in range(num_full):
+        self._registered[request.request_id] = num_full
+        for i in range(done, num_full):
             block = self.blocks[request.block_ids[i]]
             if block.block_hash is None:
                 h = hashes[i]
@@ -119,10 +125,6 @@ class BlockManager:
                 self._cached[h] = block.block_id
 
     # -- allocation ------------------------------------------------------------------------
-    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        total = request.num_computed_tokens + num_new_tokens
-        return self.blocks_needed(total) - len(request.block_ids) <= len(self._free)
-
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Grow the request's block table to hold ``num_new_tokens`` more tokens.
         Returns False, changing nothing, if there are not enough free blocks."""
@@ -151,6 +153,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         request.block_ids = []
+        self._registered.pop(request.request_id, None)
 
     def forget(self, request: Request) -> None:
         """Drop per-request bookkeeping once the request has finished."""

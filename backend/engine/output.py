@@ -10,7 +10,7 @@ string is never streamed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.backend.engine.request import (
@@ -61,9 +61,11 @@ class OutputState:
     """Per-request text state kept by the engine while the request lives."""
 
     detokenizer: IncrementalDetokenizer
+    # Per-request constants, computed once: this runs for every token of every request.
+    hold: int  # characters held back while they could still start a stop string
+    stop_token_ids: frozenset[int]
     text: str = ""  # everything decoded so far (stop-string truncation applied at the end)
     emitted: int = 0  # characters of ``text`` already sent
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -73,8 +75,11 @@ class OutputProcessor:
         self.states: dict[str, OutputState] = {}
 
     def add_request(self, request: Request) -> None:
+        params = request.params
         self.states[request.request_id] = OutputState(
-            IncrementalDetokenizer(self.tokenizer, request.params.skip_special_tokens)
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            hold=max((len(s) for s in params.stop), default=1) - 1,
+            stop_token_ids=frozenset(params.stop_token_ids),
         )
 
     def remove(self, request_id: str) -> None:
@@ -90,15 +95,13 @@ class OutputProcessor:
         state = self.states[request.request_id]
         params = request.params
         request.output_token_ids.append(token_id)
-        if logprob is not None:
-            state.logprobs.append(logprob)
         num_out = len(request.output_token_ids)
         stop_reason: str | int | None = None
         truncate_at: int | None = None
 
         if not params.ignore_eos and token_id in request.eos_token_ids and num_out > params.min_tokens:
             request.finish_reason = FinishReason.STOP
-        elif token_id in params.stop_token_ids and num_out > params.min_tokens:
+        elif token_id in state.stop_token_ids and num_out > params.min_tokens:
             request.finish_reason = FinishReason.STOP
             stop_reason = token_id
         elif params.detokenize:
@@ -123,8 +126,7 @@ class OutputProcessor:
                 state.text += state.detokenizer.flush()
             end = len(state.text)
         else:
-            hold = max((len(s) for s in params.stop), default=1) - 1
-            end = max(state.emitted, len(state.text) - hold)
+            end = max(state.emitted, len(state.text) - state.hold)
         text = state.text[state.emitted : end]
         state.emitted = end
         return RequestOutputDelta(

@@ -49,7 +49,7 @@ class RequestTimes:
     finished: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutputDelta:
     """What changed for one request in one engine step. Concatenating every delta's ``text``
     gives exactly the final text; the last delta has ``finished=True``."""
