@@ -26,9 +26,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-## Run the main job on the default model.
+## Serve the default model over gRPC on port 8001 (Ctrl-C drains and stops it).
 serve: install
-	$(BIN)/pagedserve generate --max-tokens 64 "What is the capital of France?"
+	$(BIN)/pagedserve serve
 
 ## Install the test extras and run the whole suite.
 test: install-test

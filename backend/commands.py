@@ -3,5 +3,8 @@
 from __future__ import annotations
 
 from pagedserve.backend.offline_cli import register_bench, register_generate
+from pagedserve.backend.runner.worker import register_worker
+from pagedserve.backend.server.cli import register_serve
+from pagedserve.clients.cli import register_chat
 
-REGISTRATIONS = [register_generate, register_bench]
+REGISTRATIONS = [register_serve, register_generate, register_chat, register_bench, register_worker]

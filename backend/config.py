@@ -73,7 +73,20 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
+    """Tensor parallelism: one process per rank; rank 0 runs the scheduler and the server.
+
+    Rank 0 spawns the other ranks on this host, unless torch.distributed's MASTER_ADDR,
+    MASTER_PORT, WORLD_SIZE and RANK are set: then they are started elsewhere
+    (``pagedserve worker``) and rank 0 waits for them.
+    """
+
     tensor_parallel_size: int = 1
+    # Bound on joining the group, loading on every rank and each collective: a rank that
+    # hangs longer fails the engine instead of stalling it forever.
+    distributed_timeout_s: float = 600.0
+    # Workers report to rank 0 this often; one silent for the timeout is taken for dead.
+    worker_heartbeat_interval_s: float = 1.0
+    worker_heartbeat_timeout_s: float = 30.0
 
 
 @dataclass
@@ -102,3 +115,48 @@ class EngineConfig:
             else:
                 raise TypeError(f"unknown engine option {key!r}")
         return config
+
+
+TracesProtocol = Literal["grpc", "http/protobuf"]
+
+
+@dataclass
+class TelemetryConfig:
+    """Traces and metrics. Tracing is off unless an OTLP endpoint is given, here or by the
+    standard variables (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT);
+    the protocol, service name and sampler also follow OTEL_* when left None here."""
+
+    otlp_traces_endpoint: str | None = None
+    otlp_traces_protocol: TracesProtocol | None = None  # None: OTEL_*_PROTOCOL, else grpc
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "pagedserve"
+    # One ``engine.step`` span per engine iteration that served a sampled request.
+    trace_engine_steps: bool = True
+    # Prometheus exposition (Triton's port); 0 picks a free port, None turns metrics off.
+    metrics_port: int | None = 8002
+    metrics_host: str = "0.0.0.0"
+    # A request span waits this long for the engine's final word on a request whose RPC has
+    # ended (a cancel is seen by the engine up to one step later) before it is exported as is.
+    engine_final_wait_s: float = 5.0
+
+
+@dataclass
+class ServerConfig:
+    """The gRPC edge (``pagedserve serve``): where it listens and how it treats connections."""
+
+    host: str = "0.0.0.0"
+    port: int = 8001
+    # gRPC's default limit is 4 MiB; long prompt_token_ids and KServe tensors need more.
+    max_message_bytes: int = 256 * 1024 * 1024
+    # The server pings idle connections this often, and drops them if no answer in the timeout.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Clients may ping this often (gRPC's server default, 5 min, makes it GOAWAY clients that
+    # keep connections alive with the usual 10-30 s pings).
+    min_client_ping_interval_s: float = 5.0
+    # On SIGTERM: health NOT_SERVING, new RPCs refused, in-flight ones get this long to finish.
+    drain_timeout_s: float = 30.0
+    # Run one short generation through the whole path before health reports SERVING.
+    warmup: bool = True
+    # How often the server checks that the engine loop is alive (health NOT_SERVING if not).
+    engine_check_interval_s: float = 1.0
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

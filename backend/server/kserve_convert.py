@@ -1,0 +1,413 @@
+"""The generation model's KServe tensors, following the conventions of Triton's vLLM backend.
+
+Clients written for a Triton + vLLM deployment work unchanged:
+
+- ``text_input`` (BYTES [1], required): the prompt.
+- ``stream`` (BOOL [1]): deltas as they are produced (decoupled streaming) instead of one
+  response at the end.
+- ``sampling_parameters`` (BYTES [1]): a JSON object of sampling parameters; values may also be
+  strings (``{"temperature": "0", "max_tokens": "8"}``). Without it, the request's
+  ``parameters`` map is read for the same keys.
+- ``exclude_input_in_output`` (BOOL [1]): without streaming the output is prompt + completion
+  unless this is true; with streaming only the completion is sent (asking for the prompt then
+  is an error).
+- ``return_finish_reason``, ``return_num_input_tokens``, ``return_num_output_tokens``
+  (BOOL [1]): add the ``finish_reason`` (BYTES, ``"None"`` until the last response),
+  ``num_input_tokens`` and ``num_output_tokens`` (UINT32; tokens in this response) outputs.
+
+Outputs always travel in ``raw_output_contents``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.backend.engine.request import FinishReason
+from pagedserve.backend.errors import InvalidRequestError
+from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server import kserve_protocol as kp
+from pagedserve.backend.server.kserve_tensors import (
+    BOOL,
+    BYTES,
+    UINT32,
+    decode_inputs,
+    encode_raw_bytes,
+    encode_raw_uint32,
+)
+
+TEXT_INPUT = "text_input"
+STREAM = "stream"
+SAMPLING_PARAMETERS = "sampling_parameters"
+EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
+RETURN_FINISH_REASON = "return_finish_reason"
+RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
+RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
+
+TEXT_OUTPUT = "text_output"
+FINISH_REASON = "finish_reason"
+NUM_INPUT_TOKENS = "num_input_tokens"
+NUM_OUTPUT_TOKENS = "num_output_tokens"
+
+# Request parameter: send the final flag on an empty response of its own.
+ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
+# Response parameter on every streamed response: is it the request's last one?
+FINAL_RESPONSE = "triton_final_response"
+# What finish_reason says while the request is still running.
+NOT_FINISHED = "None"
+# Request-level controls of the protocol itself, never sampling parameters.
+PROTOCOL_PARAMETERS = frozenset(
+    {
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "binary_data_output",
+        "headers",
+        ENABLE_EMPTY_FINAL_RESPONSE,
+    }
+)
+_RESERVED_PREFIX = "triton_"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the model's signature; ``dims`` has no batch dimension (-1: any size)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @property
+    def config_data_type(self) -> str:
+        """The model-configuration enum name (BYTES is TYPE_STRING there)."""
+        return "TYPE_STRING" if self.datatype == BYTES else f"TYPE_{self.datatype}"
+
+
+INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec(TEXT_INPUT, BYTES, (1,)),
+    TensorSpec(STREAM, BOOL, (1,), optional=True),
+    TensorSpec(SAMPLING_PARAMETERS, BYTES, (1,), optional=True),
+    TensorSpec(EXCLUDE_INPUT_IN_OUTPUT, BOOL, (1,), optional=True),
+    TensorSpec(RETURN_FINISH_REASON, BOOL, (1,), optional=True),
+    TensorSpec(RETURN_NUM_INPUT_TOKENS, BOOL, (1,), optional=True),
+    TensorSpec(RETURN_NUM_OUTPUT_TOKENS, BOOL, (1,), optional=True),
+)
+OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec(TEXT_OUTPUT, BYTES, (-1,)),
+    TensorSpec(FINISH_REASON, BYTES, (-1,)),
+    TensorSpec(NUM_INPUT_TOKENS, UINT32, (1,)),
+    TensorSpec(NUM_OUTPUT_TOKENS, UINT32, (-1,)),
+)
+_INPUTS_BY_NAME = {spec.name: spec for spec in INPUTS}
+_OUTPUTS_BY_NAME = {spec.name: spec for spec in OUTPUTS}
+# Which output each return_* input switches on.
+_OPTIONAL_OUTPUTS = {
+    RETURN_FINISH_REASON: FINISH_REASON,
+    RETURN_NUM_INPUT_TOKENS: NUM_INPUT_TOKENS,
+    RETURN_NUM_OUTPUT_TOKENS: NUM_OUTPUT_TOKENS,
+}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A validated ``ModelInferRequest`` in the engine's terms."""
+
+    id: str
+    prompt: str
+    stream: bool
+    # Without streaming, text_output starts with the prompt (vLLM backend default).
+    prepend_prompt: bool
+    params: SamplingParams
+    # Output names this request gets, in the model's output order.
+    outputs: tuple[str, ...]
+    empty_final_response: bool
+
+
+@dataclass(frozen=True)
+class ResponseContent:
+    """What one response reports for a request."""
+
+    text: str
+    finish_reason: FinishReason | None
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+# ---- sampling parameters --------------------------------------------------------------------
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise InvalidRequestError(key, f"must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise InvalidRequestError(key, f"must be an integer, got {value!r}")
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise InvalidRequestError(key, f"must be a number, got {value!r}")
+
+
+_TRUE_STRINGS = frozenset({"true", "1"})
+_FALSE_STRINGS = frozenset({"false", "0"})
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS | _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise InvalidRequestError(key, f"must be a boolean (true/false), got {value!r}")
+
+
+def _to_str_list(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidRequestError(key, f"must be a string or a list of strings, got {value!r}")
+
+
+def _to_int_list(key: str, value: Any) -> list[int]:
+    if isinstance(value, str):  # a request parameter can only carry a list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(value, list):
+        return [_to_int(key, v) for v in value]
+    raise InvalidRequestError(key, f"must be a list of integers, got {value!r}")
+
+
+_COERCERS_BY_TYPE: list[tuple[Any, Callable[[str, Any], Any]]] = [
+    (int, _to_int),
+    (float, _to_float),
+    (bool, _to_bool),
+    (int | None, _to_int),
+    (list[str], _to_str_list),
+    (list[int], _to_int_list),
+]
+
+
+def _field_coercers() -> dict[str, Callable[[str, Any], Any]]:
+    """One coercer per SamplingParams field, chosen by its annotation."""
+    hints = typing.get_type_hints(SamplingParams)
+    coercers = {}
+    for f in dataclasses.fields(SamplingParams):
+        for hint, coerce in _COERCERS_BY_TYPE:
+            if hints[f.name] == hint:
+                coercers[f.name] = coerce
+                break
+        else:
+            raise TypeError(f"no coercion for SamplingParams.{f.name}: {hints[f.name]}")
+    return coercers
+
+
+SAMPLING_COERCERS = _field_coercers()
+
+
+def sampling_params_from_dict(values: Mapping[str, Any]) -> SamplingParams:
+    """SamplingParams from vLLM-style keys; None means the default, strings are converted."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        coerce = SAMPLING_COERCERS.get(key)
+        if coerce is None:
+            raise InvalidRequestError(
+                key,
+                f"unknown sampling parameter (supported: {', '.join(sorted(SAMPLING_COERCERS))})",
+            )
+        if value is not None:
+            kwargs[key] = coerce(key, value)
+    return SamplingParams(**kwargs)
+
+
+def parameter_value(parameter: Any) -> Any:
+    """The Python value of an ``InferParameter`` (None when no member of the oneof is set)."""
+    which = parameter.WhichOneof("parameter_choice")
+    return None if which is None else getattr(parameter, which)
+
+
+def _sampling_values_from_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, parameter in parameters.items():
+        if key in PROTOCOL_PARAMETERS:
+            continue
+        if key.startswith(_RESERVED_PREFIX):
+            raise InvalidRequestError(
+                key, f"parameter names starting with {_RESERVED_PREFIX!r} are reserved"
+            )
+        values[key] = parameter_value(parameter)
+    return values
+
+
+def _sampling_values_from_json(raw: bytes) -> dict[str, Any]:
+    try:
+        values = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidRequestError(SAMPLING_PARAMETERS, f"is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise InvalidRequestError(
+            SAMPLING_PARAMETERS, f"must be a JSON object, got {type(values).__name__}"
+        )
+    return values
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+def _check_signature(request: Any, model_name: str) -> None:
+    """Names, datatypes and shapes against the model's inputs, worded as Triton words them."""
+    seen: set[str] = set()
+    for tensor in request.inputs:
+        spec = _INPUTS_BY_NAME.get(tensor.name)
+        if spec is None:
+            raise InvalidRequestError(
+                tensor.name,
+                f"unexpected inference input {tensor.name!r} for model {model_name!r} "
+                f"(inputs: {', '.join(_INPUTS_BY_NAME)})",
+            )
+        if tensor.name in seen:
+            raise InvalidRequestError(tensor.name, "input given more than once")
+        seen.add(tensor.name)
+        if tensor.datatype != spec.datatype:
+            raise InvalidRequestError(
+                tensor.name,
+                f"unexpected datatype {tensor.datatype!r} for inference input {tensor.name!r}, "
+                f"expecting {spec.datatype} for model {model_name!r}",
+            )
+        if tuple(tensor.shape) != spec.dims:
+            raise InvalidRequestError(
+                tensor.name,
+                f"unexpected shape for input {tensor.name!r} for model {model_name!r}: "
+                f"expected {list(spec.dims)}, got {list(tensor.shape)}",
+            )
+    missing = [spec.name for spec in INPUTS if not spec.optional and spec.name not in seen]
+    if missing:
+        raise InvalidRequestError(
+            missing[0], f"missing required input(s) {missing} for model {model_name!r}"
+        )
+
+
+def _requested_outputs(request: Any, model_name: str, enabled: set[str]) -> tuple[str, ...]:
+    requested = [output.name for output in request.outputs]
+    for name in requested:
+        if name not in _OUTPUTS_BY_NAME:
+            raise InvalidRequestError(
+                name, f"unexpected inference output {name!r} for model {model_name!r}"
+            )
+    wanted = set(requested) if requested else set(_OUTPUTS_BY_NAME)
+    return tuple(spec.name for spec in OUTPUTS if spec.name in wanted and spec.name in enabled)
+
+
+def parse_infer_request(request: Any, model_name: str) -> InferRequest:
+    """Validate a ``ModelInferRequest`` for the generation model; InvalidRequestError names
+    the offending input or parameter."""
+    _check_signature(request, model_name)
+    inputs = decode_inputs(
+        request, {t.name: _INPUTS_BY_NAME[t.name].datatype for t in request.inputs}
+    )
+
+    def flag(name: str) -> bool | None:
+        return bool(inputs[name].values[0]) if name in inputs else None
+
+    try:
+        prompt = inputs[TEXT_INPUT].values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(TEXT_INPUT, "is not valid UTF-8") from None
+    if not prompt:
+        raise InvalidRequestError(TEXT_INPUT, "must not be empty")
+
+    stream = flag(STREAM) or False
+    exclude = flag(EXCLUDE_INPUT_IN_OUTPUT)
+    prepend_prompt = not stream if exclude is None else not exclude
+    if stream and prepend_prompt:
+        raise InvalidRequestError(
+            EXCLUDE_INPUT_IN_OUTPUT,
+            "must not be false when streaming (deltas never repeat the prompt)",
+        )
+
+    if SAMPLING_PARAMETERS in inputs:
+        values = _sampling_values_from_json(inputs[SAMPLING_PARAMETERS].values[0])
+    else:
+        values = _sampling_values_from_parameters(request.parameters)
+    params = sampling_params_from_dict(values)
+
+    enabled = {TEXT_OUTPUT} | {
+        out for flag_name, out in _OPTIONAL_OUTPUTS.items() if flag(flag_name)
+    }
+    empty_final = request.parameters.get(ENABLE_EMPTY_FINAL_RESPONSE)
+    return InferRequest(
+        id=request.id,
+        prompt=prompt,
+        stream=stream,
+        prepend_prompt=prepend_prompt,
+        params=params,
+        outputs=_requested_outputs(request, model_name, enabled),
+        empty_final_response=bool(empty_final is not None and parameter_value(empty_final)),
+    )
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+def build_response(
+    request: InferRequest,
+    content: ResponseContent,
+    *,
+    model_name: str,
+    model_version: str,
+    final: bool | None = None,
+) -> Any:
+    """A ``ModelInferResponse`` carrying the request's outputs (raw) and, when ``final`` is
+    given, the ``triton_final_response`` parameter."""
+    response = kp.ModelInferResponse(
+        model_name=model_name, model_version=model_version, id=request.id
+    )
+    for name in request.outputs:
+        spec = _OUTPUTS_BY_NAME[name]
+        if name == TEXT_OUTPUT:
+            raw = encode_raw_bytes([content.text.encode("utf-8")])
+        elif name == FINISH_REASON:
+            reason = NOT_FINISHED if content.finish_reason is None else content.finish_reason.value
+            raw = encode_raw_bytes([reason.encode("utf-8")])
+        elif name == NUM_INPUT_TOKENS:
+            raw = encode_raw_uint32([content.num_input_tokens])
+        else:
+            raw = encode_raw_uint32([content.num_output_tokens])
+        response.outputs.add(name=name, datatype=spec.datatype, shape=[1])
+        response.raw_output_contents.append(raw)
+    if final is not None:
+        response.parameters[FINAL_RESPONSE].bool_param = final
+    return response
+
+
+def empty_final_response(request: InferRequest, *, model_name: str, model_version: str) -> Any:
+    """The output-less response that only says "no more responses for this request"."""
+    response = kp.ModelInferResponse(
+        model_name=model_name, model_version=model_version, id=request.id
+    )
+    response.parameters[FINAL_RESPONSE].bool_param = True
+    return response

@@ -1,0 +1,337 @@
+"""The gRPC server: every service on one port, the model loaded after the port is open.
+
+``run_server`` is the whole life of a server: start listening (health NOT_SERVING, generation
+UNAVAILABLE), load and warm the engine in a worker thread, flip to SERVING, wait for a stop
+signal, drain, shut the engine down. ``BackgroundServer`` runs the same on a thread of its own
+for tests and the in-process serving benchmark.
+
+Other services join through ``SERVICE_PLUGINS``: modules whose
+``add_<name>_service(server, state) -> list[str]`` registers on the server and returns the full
+service names (they then show in reflection and follow the server's health).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedserve.backend.config import DEFAULT_MODEL_NAME, EngineConfig, ServerConfig
+from pagedserve.backend.server.generation_service import add_generation_service
+from pagedserve.backend.server.state import ServerState
+from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
+
+if TYPE_CHECKING:
+    from pagedserve.backend.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+# (module, function) pairs added when the module exists; each follows add_generation_service.
+SERVICE_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("pagedserve.backend.server.kserve_service", "add_kserve_service"),
+)
+
+_MS = 1000
+_READY_POLL_S = 0.05
+# After the drain deadline, how long streams get to send their final (abort) message.
+_ABORT_FLUSH_S = 5.0
+# Exit status after a second stop signal: the shell's convention for "killed by signal N".
+_SIGNAL_EXIT_BASE = 128
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments: large messages, keepalive that tolerates common clients."""
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * _MS)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * _MS)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(config.min_client_ping_interval_s * _MS),
+        ),
+        # Never GOAWAY a client for pinging "too often": the interval above is the policy.
+        ("grpc.http2.max_ping_strikes", 0),
+        # A second server on a busy port must fail to bind, not silently share the traffic.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def served_model_name(config: EngineConfig) -> str:
+    """The name clients address: --served-model-name, else the model directory's name."""
+    if config.model.served_model_name:
+        return config.model.served_model_name
+    if config.model.model:
+        return Path(config.model.model).name
+    return DEFAULT_MODEL_NAME
+
+
+@dataclass
+class StartedServer:
+    server: grpc.aio.Server
+    state: ServerState
+    port: int
+    service_names: list[str]
+
+
+async def start_server(config: ServerConfig, state: ServerState) -> StartedServer:
+    """Bind, register every service, start. Health says NOT_SERVING until ``mark_ready``."""
+    server = grpc.aio.server(options=grpc_options(config))
+    names = add_generation_service(server, state)
+    for module_name, function_name in SERVICE_PLUGINS:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        add_service: Callable[[grpc.aio.Server, ServerState], Sequence[str]] = getattr(
+            importlib.import_module(module_name), function_name
+        )
+        names.extend(add_service(server, state))
+    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
+    for name in names:
+        await state.register_health_service(name)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await server.start()
+    logger.info("listening on %s:%d (%s)", config.host, port, ", ".join(names))
+    return StartedServer(server, state, port, names)
+
+
+async def warm_up(engine: "AsyncEngine") -> None:
+    """One short greedy generation through the whole path (prefill, decode, detokenize)."""
+    from pagedserve.backend.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    async for _ in engine.generate(prompt="Hello", params=params):
+        pass
+
+
+async def load_engine(
+    state: ServerState, engine_config: EngineConfig, config: ServerConfig
+) -> None:
+    """Load in a worker thread (the event loop keeps answering), warm up, mark ready."""
+    from pagedserve.backend.engine.async_engine import AsyncEngine
+
+    try:
+        engine = await asyncio.to_thread(AsyncEngine.from_config, engine_config)
+        if config.warmup:
+            await warm_up(engine)
+    except Exception as error:  # the server keeps answering UNAVAILABLE with the reason
+        logger.exception("model failed to load")
+        await state.mark_failed(f"{type(error).__name__}: {error}")
+        return
+    state.telemetry.attach(engine)
+    await state.mark_ready(engine)
+    logger.info("model %s ready", state.served_model_name)
+
+
+async def run_server(
+    config: ServerConfig,
+    engine_config: EngineConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[StartedServer], None] | None = None,
+    handle_signals: bool = True,
+    telemetry: ServerTelemetry | None = None,
+) -> int:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain and shut down.
+
+    ``telemetry`` defaults to what ``config.telemetry`` and the OTEL_* variables ask for.
+
+    Returns the exit code: 0 after a drain (streams cut at its deadline included), 1 when the
+    model failed to load. A second SIGTERM/SIGINT exits at once with 128 + the signal number.
+    """
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        install_stop_signals(asyncio.get_running_loop(), stop)
+    state = ServerState(
+        served_model_name=served_model_name(engine_config),
+        telemetry=telemetry or ServerTelemetry.from_config(config.telemetry),
+    )
+    state.telemetry.start()
+    try:
+        started = await start_server(config, state)
+    except BaseException:
+        state.telemetry.shutdown()
+        raise
+    if on_started is not None:
+        on_started(started)
+    loader = asyncio.create_task(load_engine(state, engine_config, config))
+    monitor = asyncio.create_task(watch_engine(state, config.engine_check_interval_s))
+    try:
+        await stop.wait()
+    finally:
+        monitor.cancel()
+        await drain(started, loader, config.drain_timeout_s)
+    return 1 if state.load_error is not None else 0
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT starts the drain; a second one ends the process at once."""
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            logger.warning("%s during the drain: exiting now", signum.name)
+            logging.shutdown()
+            os._exit(_SIGNAL_EXIT_BASE + signum)
+        logger.info("%s: draining (a second signal exits at once)", signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def watch_engine(state: ServerState, interval_s: float) -> None:
+    """Turn health NOT_SERVING if the engine loop dies (its error fails requests already)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if state.engine is not None and not state.engine.is_alive:
+            await state.refresh()
+            return
+
+
+async def drain(started: StartedServer, loader: asyncio.Task[None], timeout_s: float) -> None:
+    """NOT_SERVING, refuse new RPCs, give in-flight ones ``timeout_s``, stop the engine.
+
+    Requests still running at the deadline are aborted in the engine, so each stream ends with
+    a final FINISH_REASON_ABORT message (and Complete with its partial output) instead of being
+    cut off mid-stream; only what has not finished ``_ABORT_FLUSH_S`` later is cancelled.
+    """
+    state = started.state
+    logger.info("draining: in-flight requests get up to %.0f s", timeout_s)
+    await state.mark_draining()
+    # Stopping closes the listener and sends GOAWAY at once; open RPCs keep running.
+    stopping = asyncio.ensure_future(started.server.stop(grace=timeout_s + _ABORT_FLUSH_S))
+    finished, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+    engine_stopped = False
+    if not finished and state.engine is not None:
+        load = state.engine.get_load()
+        logger.warning(
+            "drain deadline: aborting %d running and %d waiting requests",
+            load.num_running,
+            load.num_waiting,
+        )
+        # Shutting the engine down aborts every request it holds and delivers their final deltas.
+        await asyncio.to_thread(state.engine.shutdown)
+        engine_stopped = True
+    await stopping
+    if not loader.done():
+        # Loading runs in a thread that cannot be interrupted; wait so the engine is shut down.
+        await asyncio.shield(loader)
+    if state.engine is not None and not engine_stopped:
+        await asyncio.to_thread(state.engine.shutdown)
+    # Last: the engine's final deltas are in, so every request span can end and be exported.
+    await asyncio.to_thread(state.telemetry.shutdown)
+    logger.info("stopped")
+
+
+class BackgroundServer:
+    """``run_server`` on a thread with its own event loop (tests, in-process benchmark)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        engine_config: EngineConfig,
+        telemetry: ServerTelemetry | None = None,
+    ) -> None:
+        self._config = config
+        self._engine_config = engine_config
+        self._telemetry = telemetry
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._info: StartedServer | None = None
+        self._error: BaseException | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._info is not None, "server not started"
+        return self._info.port
+
+    @property
+    def address(self) -> str:
+        host = self._config.host if self._config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def state(self) -> ServerState:
+        assert self._info is not None, "server not started"
+        return self._info.state
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        """Start listening (the model loads afterwards); returns the address."""
+        self._thread = threading.Thread(target=self._run, name="pagedserve-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise TimeoutError("server did not start listening")
+        if self._error is not None:
+            raise self._error
+        return self.address
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until the model is loaded and warmed; raise if loading failed."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.state
+            if state.load_error is not None:
+                raise RuntimeError(f"model failed to load: {state.load_error}")
+            if state.ready:
+                return
+            time.sleep(_READY_POLL_S)
+        raise TimeoutError(f"model not ready after {timeout_s} s")
+
+    def _run(self) -> None:
+        async def main() -> int:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            def started(info: StartedServer) -> None:
+                self._info = info
+                self._started.set()
+
+            return await run_server(
+                self._config,
+                self._engine_config,
+                stop=self._stop,
+                on_started=started,
+                handle_signals=False,
+                telemetry=self._telemetry,
+            )
+
+        try:
+            self.exit_code = asyncio.run(main())
+        except BaseException as error:  # surfaced by start()/stop()
+            self._error = error
+            self._started.set()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "BackgroundServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,153 @@
+"""Server phases: listening before the model loads, health, reflection, load failure, drain."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfig
+from pagedserve.backend.engine.async_engine import AsyncEngine
+from pagedserve.backend.server.generation_service import SERVICE_NAME
+from pagedserve.backend.server.server import BackgroundServer
+from pagedserve.clients.client import GenerationClient
+from tests.backend.server.harness import TINY_ENGINE, SlowSteps, wait_for
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _server(model: Path | str, **server_kwargs: Any) -> BackgroundServer:
+    return BackgroundServer(
+        ServerConfig(
+            host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0),
+            **{"drain_timeout_s": 5.0, **server_kwargs},
+        ),
+        EngineConfig.from_kwargs(model=str(model), **TINY_ENGINE),
+    )
+
+
+@pytest.fixture
+def gated_loading(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Model loading waits for the returned event, so a test sees the loading phase."""
+    gate = threading.Event()
+    load = AsyncEngine.from_config
+
+    def gated(config: EngineConfig) -> AsyncEngine:
+        assert gate.wait(60), "test never released model loading"
+        return load(config)
+
+    monkeypatch.setattr(AsyncEngine, "from_config", staticmethod(gated))
+    yield gate
+    gate.set()
+
+
+def test_health_goes_not_serving_to_serving(
+    tiny_llama_dir: Path, gated_loading: threading.Event
+) -> None:
+    with _server(tiny_llama_dir) as server, GenerationClient(server.address) as client:
+        with grpc.insecure_channel(server.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            )
+            updates = iter(watch)
+            assert next(updates).status == NOT_SERVING
+            # Loading: the port answers, health says NOT_SERVING, generation is UNAVAILABLE.
+            assert client.health() == NOT_SERVING
+            assert client.health(SERVICE_NAME) == NOT_SERVING
+            for call in (
+                lambda: list(client.generate("Hi", max_tokens=2)),
+                lambda: client.complete("Hi", max_tokens=2),
+                lambda: client.load(),
+                lambda: client.model_info(),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "loading" in info.value.details()
+            gated_loading.set()
+            client.wait_until_serving(60)
+            assert next(updates).status == SERVING
+            watch.cancel()
+        assert client.health(SERVICE_NAME) == SERVING
+        assert client.complete("Hi", max_tokens=2).usage.completion_tokens == 2
+        with pytest.raises(grpc.RpcError) as info:
+            client.health("no.such.Service")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(tiny_server: BackgroundServer) -> None:
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
+        proto = db.FindFileContainingSymbol(SERVICE_NAME)
+        assert proto.name == "pagedserve/v1/generation.proto"
+        methods = {m.name for s in proto.service for m in s.method}
+        assert methods == {"Generate", "Complete", "Tokenize", "GetModelInfo", "GetLoad"}
+
+
+def test_failed_load_keeps_answering_unavailable(tmp_path: Path) -> None:
+    server = _server(tmp_path / "no-such-model")
+    server.start()
+    try:
+        with GenerationClient(server.address) as client:
+            wait_for(lambda: server.state.load_error is not None, 60, "the load to fail")
+            assert client.health() == NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                client.complete("Hi", max_tokens=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "failed to load" in info.value.details()
+    finally:
+        server.stop()
+    assert server.exit_code == 1
+
+
+def test_dead_engine_turns_health_not_serving(tiny_llama_dir: Path) -> None:
+    with _server(tiny_llama_dir, engine_check_interval_s=0.05) as server:
+        server.wait_ready()
+        with GenerationClient(server.address) as client:
+            assert client.health() == SERVING
+            engine = server.state.engine
+            assert engine is not None
+            engine.shutdown()
+            wait_for(lambda: client.health() == NOT_SERVING, 5, "health to follow the engine")
+            with pytest.raises(grpc.RpcError) as info:
+                client.complete("Hi", max_tokens=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_stop_drains_in_flight_requests(tiny_llama_dir: Path) -> None:
+    server = _server(tiny_llama_dir)
+    server.start()
+    server.wait_ready()
+    slow = SlowSteps(server, 0.02)
+    client = GenerationClient(server.address)
+    try:
+        with slow.on():
+            call = client.generate("Keep going", max_tokens=40, ignore_eos=True)
+            stream = iter(call)
+            first = next(stream)
+            stopper = threading.Thread(target=server.stop)
+            stopper.start()
+            wait_for(lambda: server.state.draining, 5, "the drain to start")
+            # New work is refused while the in-flight request runs to its end.
+            with pytest.raises(grpc.RpcError) as info:
+                client.complete("New", max_tokens=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)
+            stopper.join(30)
+        tokens = len(first.token_ids) + sum(len(r.token_ids) for r in rest)
+        assert tokens == 40 and rest[-1].usage.completion_tokens == 40
+        assert server.exit_code == 0
+    finally:
+        client.close()
+        server.stop()
