@@ -29,6 +29,7 @@ from pagedserve.backend.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 StepListener = Callable[[StepInfo], None]
+OutputListener = Callable[[list[RequestOutputDelta]], None]
 
 
 class AsyncEngine:
@@ -45,8 +46,10 @@ class AsyncEngine:
         self._load: LoadInfo = engine.get_load()
         self._error: BaseException | None = None
         self._step_listeners: list[StepListener] = []
+        self._output_listeners: list[OutputListener] = []
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
+        engine.add_failure_listener(self._engine_failed)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncEngine":
@@ -67,6 +70,11 @@ class AsyncEngine:
     def add_step_listener(self, listener: StepListener) -> None:
         """``listener(StepInfo)`` is called from the engine thread after every step."""
         self._step_listeners.append(listener)
+
+    def add_output_listener(self, listener: OutputListener) -> None:
+        """``listener(deltas)`` is called from the engine thread with every batch of deltas it
+        delivers, including the final deltas of requests whose stream was closed (aborts)."""
+        self._output_listeners.append(listener)
 
     def get_load(self) -> LoadInfo:
         return self._load
@@ -131,6 +139,14 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    def _engine_failed(self, reason: str) -> None:
+        """A tensor-parallel worker died: fail every request now, even while the loop thread
+        is still inside a step that can no longer finish."""
+        self._error = EngineDeadError(reason)
+        self._fail_all(EngineDeadError(f"the engine has stopped: {reason}"))
+        self._wake.set()
 
     # -- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -144,10 +160,12 @@ class AsyncEngine:
                     continue
                 deltas = self.engine.step()
                 self._load = self.engine.get_load()
-                self._deliver(deltas)
+                # Listeners before delivery: a client that saw a token can count on telemetry
+                # having the step that made it.
                 if self._step_listeners and self.engine.last_step is not None:
                     for listener in self._step_listeners:
                         listener(self.engine.last_step)
+                self._deliver(deltas)
         except BaseException as exc:  # the loop itself broke: fail everyone, clearly
             logger.exception("engine loop died")
             self._error = exc
@@ -181,6 +199,9 @@ class AsyncEngine:
                     self._deliver([delta])
 
     def _deliver(self, deltas: list[RequestOutputDelta]) -> None:
+        # Listeners first, for the same reason as step listeners.
+        for listener in self._output_listeners:
+            listener(deltas)
         for delta in deltas:
             self._send(delta.request_id, delta)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from pagedserve.backend.engine.block_manager import BlockManager
 from pagedserve.backend.engine.output import OutputProcessor
 from pagedserve.backend.engine.request import FinishReason, Request, RequestOutputDelta
 from pagedserve.backend.engine.scheduler import Scheduler
-from pagedserve.backend.errors import InvalidRequestError, RequestTooLongError
+from pagedserve.backend.errors import EngineDeadError, InvalidRequestError, RequestTooLongError
 from pagedserve.backend.runner.model_runner import ModelRunner
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -216,6 +217,8 @@ class LLMEngine:
         )
         try:
             result = self.runner.execute(sched)
+        except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
+            raise
         except Exception as exc:  # a failed forward fails this step's requests, not the engine
             logger.exception("model step failed")
             return [
@@ -242,6 +245,15 @@ class LLMEngine:
             deltas.append(delta)
         self.last_step.end = time.time()
         return deltas
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def add_failure_listener(self, listener: Callable[[str], None]) -> None:
+        """``listener(reason)`` runs on a monitor thread if a tensor-parallel worker dies."""
+        self.runner.add_failure_listener(listener)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        self.runner.shutdown()
 
     def get_load(self) -> LoadInfo:
         bm = self.block_manager

@@ -158,4 +158,5 @@ class OutputProcessor:
         )
         delta.times = request.times
         delta.num_preemptions = request.num_preemptions
+        delta.num_prefill_chunks = request.num_prefill_chunks
         return delta

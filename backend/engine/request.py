@@ -47,6 +47,8 @@ class RequestTimes:
     first_scheduled: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    # When the scheduler preempted the request (its KV blocks freed, to be recomputed).
+    preempted: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -65,6 +67,7 @@ class RequestOutputDelta:
     error: str | None = None
     times: RequestTimes | None = None  # on the final delta
     num_preemptions: int = 0  # on the final delta
+    num_prefill_chunks: int = 0  # on the final delta: steps that computed prompt tokens
 
 
 @dataclass
@@ -99,6 +102,8 @@ class Request:
     num_cached_prompt_tokens: int = -1
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # Steps that ran part of its prefill before the first token (chunked prefill).
+    num_prefill_chunks: int = 0
     finish_reason: FinishReason | None = None
     times: RequestTimes = field(init=False)
 

@@ -96,6 +96,8 @@ class Scheduler:
         for s in out.scheduled:
             if s.request.times.first_scheduled is None:
                 s.request.times.first_scheduled = now
+            if s.request.times.first_token is None:
+                s.request.num_prefill_chunks += 1
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -122,6 +124,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
+        req.times.preempted.append(time.time())
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 

@@ -1,8 +1,10 @@
 """Building blocks of Llama-family decoders, shaped for tensor parallelism.
 
-Every linear layer holds only its rank's slice of the full weight (``tp_rank`` of ``tp_size``)
-and has a ``weight_loader(param, loaded_weight, shard_id)`` that cuts that slice out of a
-full checkpoint tensor, so splitting a model over GPUs changes sizes, not loading code.
+Every linear layer, the embedding and the LM head hold only their rank's slice of the full
+weight (``tp_rank`` of ``tp_size``) and have a ``weight_loader(param, loaded_weight, shard_id)``
+that cuts that slice out of a full checkpoint tensor, so splitting a model over GPUs changes
+sizes, not loading code. ``full_shapes(param)`` names the full checkpoint tensors a parameter is
+cut from (dummy weights are drawn at full size and sliced, so they do not depend on the split).
 
 Device dispatch lives in one place per op: the kernels' dispatchers
 (``pagedserve.kernels.rmsnorm.rms_norm`` and friends pick Triton on CUDA, the torch reference
@@ -20,6 +22,10 @@ from torch import nn
 
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
+
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,29 +74,75 @@ def _new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+# Shard id -> shape of the full checkpoint tensor that shard is cut from.
+FullShapes = dict[Any, tuple[int, ...]]
+
+
+class _VocabShard:
+    """This rank's contiguous slice of the vocabulary: ``ceil(vocab / tp_size)`` rows per rank,
+    the last rank's tail padded with zero rows (their logits are cut off after the gather)."""
+
+    def __init__(self, vocab_size: int, tp_rank: int, tp_size: int) -> None:
+        _check_tp(tp_rank, tp_size)
+        self.vocab_size = vocab_size
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.num_local = -(-vocab_size // tp_size)
+        self.start = tp_rank * self.num_local
+        self.num_valid = max(0, min(vocab_size - self.start, self.num_local))
+
+    def load(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
+        rows = _shard(loaded, 0, self.vocab_size, self.start, self.num_valid)
+        _copy_checked(param.data.narrow(0, 0, self.num_valid), rows)
+        with torch.no_grad():
+            param.data[self.num_valid :].zero_()
+
+
 # --------------------------------------------------------------------------------------------
 # Embedding, norm, rotary
 # --------------------------------------------------------------------------------------------
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding, replicated on every rank (the vocabulary is not split)."""
+    """Token embedding split over ranks by vocabulary rows.
+
+    Each rank looks up the ids in its slice (others give zero rows) and the partial results are
+    all-reduced, so every rank ends with the full embedding of every token.
+    """
 
     def __init__(
-        self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.weight = _new_param((vocab_size, hidden_size), dtype, device)
+        self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
+        self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _copy_checked(param, loaded_weight)
+        self.shard.load(param, loaded_weight)
+
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        return {None: (self.vocab_size, self.hidden_size)}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.shard.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        # Fixed shapes and no host syncs, so this also runs inside a CUDA graph.
+        local = input_ids - self.shard.start
+        mine = (local >= 0) & (local < self.shard.num_local)
+        out = F.embedding(local.clamp(0, self.shard.num_local - 1), self.weight)
+        out = out * mine.unsqueeze(-1).to(out.dtype)
+        dist.all_reduce(out)
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -107,6 +159,9 @@ class RMSNorm(nn.Module):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
         _copy_checked(param, loaded_weight)
+
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        return {None: tuple(param.shape)}
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -217,6 +272,9 @@ class ColumnParallelLinear(_ShardedLinear):
         shard = _shard(loaded_weight, 0, size * self.tp_size, self.tp_rank * size, size)
         _copy_checked(param, shard)
 
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        return {None: (param.shape[0] * self.tp_size, *param.shape[1:])}
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one GEMM (gate and up).
@@ -249,6 +307,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         full = self.output_sizes[shard_id]
         source = _shard(loaded_weight, 0, full, self.tp_rank * size, size)
         _copy_checked(param.data.narrow(0, offset, size), source)
+
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        return {i: (full, *param.shape[1:]) for i, full in enumerate(self.output_sizes)}
 
 
 class QKVParallelLinear(_ShardedLinear):
@@ -307,6 +368,12 @@ class QKVParallelLinear(_ShardedLinear):
         source = _shard(loaded_weight, 0, full, start, size)
         _copy_checked(param.data.narrow(0, offset, size), source)
 
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        q_full = self.total_num_heads * self.head_dim
+        kv_full = self.total_num_kv_heads * self.head_dim
+        rest = tuple(param.shape[1:])
+        return {"q": (q_full, *rest), "k": (kv_full, *rest), "v": (kv_full, *rest)}
+
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, local_out] -> q [T, heads, d], k and v [T, kv_heads, d] (views)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -349,6 +416,11 @@ class RowParallelLinear(_ShardedLinear):
             loaded_weight = _shard(loaded_weight, 1, size * self.tp_size, self.tp_rank * size, size)
         _copy_checked(param, loaded_weight)
 
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        if param.dim() == 2:
+            return {None: (param.shape[0], param.shape[1] * self.tp_size)}
+        return {None: tuple(param.shape)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
         out = linear(x, self.weight, bias)
@@ -358,7 +430,11 @@ class RowParallelLinear(_ShardedLinear):
 
 
 class LMHead(nn.Module):
-    """Hidden states to fp32 logits; shares the embedding matrix when the model ties them."""
+    """Hidden states to fp32 logits; shares the embedding matrix when the model ties them.
+
+    Split over ranks by vocabulary rows like the embedding: each rank computes the logits of
+    its slice and an all-gather gives every rank the full ``[rows, vocab_size]`` logits.
+    """
 
     def __init__(
         self,
@@ -367,18 +443,38 @@ class LMHead(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         tied_embedding: VocabEmbedding | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None:
         super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
         self.tied = tied_embedding is not None
         if tied_embedding is not None:
+            if tied_embedding.shard.tp_size != tp_size or tied_embedding.shard.tp_rank != tp_rank:
+                raise ValueError("a tied LM head must be split like its embedding")
             self.weight = tied_embedding.weight
         else:
-            self.weight = _new_param((vocab_size, hidden_size), dtype, device)
+            self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _copy_checked(param, loaded_weight)
+        self.shard.load(param, loaded_weight)
+
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        return {None: (self.vocab_size, self.hidden_size)}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weight, None).float()
+        logits = linear(hidden, self.weight, None)
+        tp = self.shard.tp_size
+        if tp == 1:
+            return logits.float()
+        # Gathered in the model's dtype (half the bytes of fp32, the same values once upcast).
+        rows, local = logits.shape
+        gathered = torch.empty((tp * rows, local), dtype=logits.dtype, device=logits.device)
+        _all_gather_single(gathered, logits.contiguous())
+        # [rank, row, local vocab] -> [row, rank * local vocab], then drop the padding rows.
+        full = gathered.view(tp, rows, local).permute(1, 0, 2).reshape(rows, tp * local)
+        return full[:, : self.vocab_size].float()

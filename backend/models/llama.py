@@ -177,7 +177,7 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
-            hf_config.vocab_size, hf_config.hidden_size, dtype, device
+            hf_config.vocab_size, hf_config.hidden_size, dtype, device, tp_rank, tp_size
         )
         rotary_emb = RotaryEmbedding(
             head_dim_of(hf_config),
@@ -237,6 +237,8 @@ class LlamaForCausalLM(nn.Module):
             dtype,
             device,
             tied_embedding=self.model.embed_tokens if self.tie_word_embeddings else None,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
         )
         qkv = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.qkv_proj
         self.num_layers: int = hf_config.num_hidden_layers
@@ -254,6 +256,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary fp32 logits on every rank (the split head all-gathers them)."""
         return self.lm_head(hidden)
 
     @torch.no_grad()

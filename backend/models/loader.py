@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,13 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     attn_backend: AttentionBackend,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> LoadedModel:
-    """Builds the model on ``device`` in ``dtype`` and fills it (checkpoint or dummy weights).
+    """Builds rank ``tp_rank``'s shard of the model (of ``tp_size``) on ``device`` in ``dtype``
+    and fills it (checkpoint or dummy weights).
 
-    Every failure that a wrong path, file or config can cause surfaces as ModelLoadError.
+    Every failure that a wrong path, file, config or split can cause surfaces as ModelLoadError.
     """
     if model_config.load_format not in _LOAD_FORMATS:
         raise ModelLoadError(
@@ -85,9 +89,13 @@ def load_model(
     max_model_len = _max_model_len(hf_config, model_config.max_model_len)
 
     try:
-        model = LlamaForCausalLM(hf_config, attn_backend, dtype, device)
+        model = LlamaForCausalLM(
+            hf_config, attn_backend, dtype, device, tp_rank=tp_rank, tp_size=tp_size
+        )
     except NotImplementedError as exc:  # e.g. a RoPE scaling type we do not implement
         raise ModelLoadError(f"unsupported model configuration: {exc}") from exc
+    except ValueError as exc:  # e.g. heads not divisible by the tensor-parallel size
+        raise ModelLoadError(f"cannot split the model over {tp_size} ranks: {exc}") from exc
     if dummy:
         _init_dummy_weights(model, hf_config, model_config.seed)
     else:
@@ -238,16 +246,30 @@ def _iter_checkpoint(model_dir: Path, load_format: str) -> Iterator[tuple[str, t
 @torch.no_grad()
 def _init_dummy_weights(model: LlamaForCausalLM, hf_config: PretrainedConfig, seed: int) -> None:
     """Random weights of the config's init scale, reproducible from ``seed``: norms start at
-    one as in training, everything else normal(0, initializer_range)."""
+    one as in training, everything else normal(0, initializer_range).
+
+    Each full checkpoint tensor is drawn from its own generator (seeded from ``seed`` and its
+    name) and then sliced by the parameter's weight loader, so every tensor-parallel split of
+    the model holds pieces of the same weights.
+    """
     std = float(getattr(hf_config, "initializer_range", None) or _DEFAULT_INIT_STD)
-    generator = torch.Generator().manual_seed(seed)
     norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
-    for _, param in model.named_parameters():
-        if id(param) in norm_weights:
-            param.fill_(1.0)
-        else:
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
-            param.copy_(values)
+    owners = {
+        id(param): module
+        for module in model.modules()
+        for param in module.parameters(recurse=False)
+    }
+    for name, param in model.named_parameters():
+        owner = owners[id(param)]
+        for shard_id, shape in owner.full_shapes(param).items():
+            if id(param) in norm_weights:
+                full = torch.ones(shape)
+            else:
+                # CPU generators keep only 32 bits of a seed: fold seed and name into those.
+                key = f"{seed}/{name}:{shard_id}".encode()
+                generator = torch.Generator().manual_seed(zlib.crc32(key))
+                full = torch.randn(shape, generator=generator, dtype=torch.float32) * std
+            owner.weight_loader(param, full, shard_id)
 
 
 def _has_tokenizer(model_dir: Path) -> bool:

@@ -3,7 +3,7 @@
 All ranks meet through one TCPStore served by rank 0: on 127.0.0.1 when rank 0 spawns its
 workers, at MASTER_ADDR:MASTER_PORT when they are started elsewhere. Its keys:
 
-    config            rank 0's EngineConfig, pickled: the workers' whole configuration
+    config            rank 0's EngineConfig as JSON: the workers' whole configuration
     joined/<rank>     set by a rank just before it joins the process group
     loaded/<rank>     empty once the rank's shard is loaded, else why it could not load
     heartbeat/<rank>  a counter the rank's heartbeat thread increments
@@ -17,16 +17,19 @@ hours; a dead rank 0 closes its sockets, which ends that wait at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.runner.step_batch import HEADER_LEN, StepBatch
 
@@ -80,6 +83,22 @@ class LaunchEnv:
             )
         except ValueError as exc:
             raise ValueError(f"invalid torch.distributed environment: {exc}") from exc
+
+
+def encode_config(config: EngineConfig) -> bytes:
+    """The config as flat JSON (``EngineConfig.from_kwargs`` names): plain data, so a worker
+    never unpickles what it reads from the network."""
+    flat: dict[str, object] = {}
+    for section in (config, config.model, config.cache, config.scheduler, config.parallel):
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if not is_dataclass(value):
+                flat[f.name] = str(value) if isinstance(value, Path) else value
+    return json.dumps(flat).encode()
+
+
+def decode_config(data: bytes) -> EngineConfig:
+    return EngineConfig.from_kwargs(**json.loads(data))
 
 
 def connect_store(
@@ -151,11 +170,6 @@ class TensorParallelGroup:
         timeout: timedelta,
     ) -> "TensorParallelGroup":
         """Join the default process group (NCCL on CUDA, gloo on CPU) and the gloo channel."""
-        if dist.is_initialized():
-            raise RuntimeError(
-                "a torch.distributed process group already exists in this process: "
-                "one tensor-parallel engine per process"
-            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         store.set(f"{JOINED}/{rank}", b"")
         dist.init_process_group(
@@ -217,18 +231,23 @@ class TensorParallelGroup:
 
     def wait_loaded(self, check_alive: Callable[[], None]) -> None:
         """Wait for every rank's load report; ModelLoadError naming the ranks that failed."""
-        statuses = wait_for_ranks(
-            self.store,
-            LOADED,
-            range(self.world_size),
-            self.timeout.total_seconds(),
-            check_alive,
-            "load the model",
-        )
+        try:
+            statuses = wait_for_ranks(
+                self.store,
+                LOADED,
+                range(self.world_size),
+                self.timeout.total_seconds(),
+                check_alive,
+                "load the model",
+            )
+        except TimeoutError as exc:
+            raise ModelLoadError(str(exc)) from exc
         failed = {r: s.decode() for r, s in statuses.items() if s}
         if failed:
             raise ModelLoadError(
-                "; ".join(f"tensor-parallel rank {r} failed to load: {m}" for r, m in failed.items())
+                "; ".join(
+                    f"tensor-parallel rank {r} failed to load: {m}" for r, m in failed.items()
+                )
             )
 
     # -- teardown ------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ class ModelRunner:
                 else rank_device(config.model.device, _rank0_local_rank())
             )
         self.device = device
+        if device.type == "cuda" and self.tp_size > 1:
+            # Triton launches on the thread's current device, not the tensors' one.
+            torch.cuda.set_device(device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.leader: TensorParallelLeader | None = None
@@ -103,8 +106,6 @@ class ModelRunner:
         except BaseException:
             self.shutdown()
             raise
-        if self.leader is not None:
-            self.leader.start_monitor()
 
     def _load(self) -> None:
         config = self.config
@@ -243,31 +244,29 @@ class ModelRunner:
     # -- execution -------------------------------------------------------------------------
     def build_batch(self, sched: SchedulerOutput) -> tuple[StepBatch, list[Request]]:
         """The step's flat batch, and the requests whose last row is sampled (in row order)."""
-        ids: list[np.ndarray] = []
+        ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         samplers: list[Request] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
         tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
-        row_end = 0
         for i, s in enumerate(sched.scheduled):
             req = s.request
             start = req.num_computed_tokens
             end = start + s.num_new_tokens
-            if s.num_new_tokens == 1:
-                ids.append(np.array([req.token_at(start)], dtype=np.int64))
+            if s.num_new_tokens == 1:  # decode: a plain int, no per-request array
+                ids.append(req.token_at(start))
             else:
-                ids.append(np.array(req.all_token_ids[start:end], dtype=np.int64))
+                ids.extend(req.all_token_ids[start:end])
             tables[i, : len(req.block_ids)] = req.block_ids
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
-            row_end += s.num_new_tokens
             if s.samples:
-                sample_rows.append(row_end - 1)
+                sample_rows.append(len(ids) - 1)
                 samplers.append(req)
         batch = StepBatch(
-            input_ids=np.concatenate(ids),
+            input_ids=np.asarray(ids, dtype=np.int64),
             query_lens=np.asarray(query_lens, dtype=np.int32),
             seq_lens=np.asarray(seq_lens, dtype=np.int32),
             block_tables=tables,
@@ -307,11 +306,11 @@ class ModelRunner:
                     torch.cuda.current_stream(self.device).synchronize()
                 return logits
         except Exception as exc:
-            reason = self.leader.dead_reason or f"tensor-parallel step failed: {exc}"
-            raise EngineDeadError(reason) from exc
+            raise EngineDeadError(self.leader.step_failed(exc)) from exc
 
     def _on_device(self) -> AbstractContextManager[object]:
-        """NCCL calls use the thread's current device; the engine thread is not the loader's."""
+        """Kernels and NCCL calls use the thread's current device, and the engine thread is not
+        the one that loaded the model."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
     @torch.inference_mode()

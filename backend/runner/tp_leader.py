@@ -1,30 +1,31 @@
 """Rank 0's side of tensor parallelism: start or await the workers, watch them, stop them.
 
-``TensorParallelLeader.launch`` spawns ranks 1..N-1 on this host, or, when torch.distributed's
-environment variables are set, serves the rendezvous store at MASTER_ADDR:MASTER_PORT and waits
-for ``pagedserve worker`` processes started elsewhere. Once the engine is up, a monitor thread
-watches the workers (a local process exiting, any worker's heartbeat going silent). The first
-death marks the leader dead, stops the other local workers, aborts collectives that would wait
-for the dead rank, and tells the listeners, so the engine fails its requests at once instead of
-hanging on a collective that can never finish.
+``TensorParallelLeader.launch`` starts ranks 1..N-1 on this host (each a fresh
+``python -m pagedserve.backend.runner.worker`` with torch.distributed's variables pointing at
+rank 0), or, when those variables are already set, serves the rendezvous store at
+MASTER_ADDR:MASTER_PORT and waits for ``pagedserve worker`` processes started elsewhere.
+
+Once the engine is up, a monitor thread watches the workers (a local process exiting, any
+worker's heartbeat going silent). The first death marks the leader dead, stops the other local
+workers, aborts collectives that would wait for the dead rank, and tells the listeners, so the
+engine fails its requests at once instead of hanging on a collective that can never finish.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
+import subprocess
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
-from multiprocessing.connection import wait as wait_for_sentinels
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait as wait_for_fds
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.errors import ModelLoadError
@@ -34,10 +35,11 @@ from pagedserve.backend.runner.distributed import (
     LaunchEnv,
     TensorParallelGroup,
     connect_store,
+    encode_config,
     heartbeat_counts,
     wait_for_ranks,
 )
-from pagedserve.backend.runner.worker import WorkerSpec, run_local_worker
+from pagedserve.backend.runner.worker import LOG_LEVELS
 
 logger = logging.getLogger(__name__)
 
@@ -45,23 +47,44 @@ LOCALHOST = "127.0.0.1"
 # How long stopping workers get to exit by themselves, then after SIGTERM, before SIGKILL.
 _EXIT_GRACE_S = 10.0
 _TERM_GRACE_S = 5.0
+# After a failed collective: how long a worker's exit may take to show, and the poll interval.
+_EXIT_REGISTER_S = 1.0
+_POLL_S = 0.01
 
 DeathListener = Callable[[str], None]
 
 
-def _stop_processes(processes: list[BaseProcess], grace_s: float) -> None:
+def _abandon(processes: list[subprocess.Popen[bytes]], stopping: threading.Event) -> None:
+    """Exit-time cleanup of a leader nobody shut down: the workers' end is expected."""
+    stopping.set()
+    _stop_processes(processes, 0.0)
+
+
+def _stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float) -> None:
     """Wait up to ``grace_s`` for the processes to exit, then SIGTERM, then SIGKILL."""
     deadline = time.monotonic() + grace_s
     for p in processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in processes:
-        if p.is_alive():
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             p.terminate()
     for p in processes:
-        p.join(_TERM_GRACE_S)
-        if p.is_alive():
+        try:
+            p.wait(_TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
             p.kill()
-            p.join()
+            p.wait()
+
+
+def _exit_fds(processes: list[subprocess.Popen[bytes]]) -> list[int]:
+    """pidfds that become readable when the processes exit (Linux), else none (poll instead)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return []
+    try:
+        return [pidfd_open(p.pid) for p in processes]
+    except OSError:
+        return []
 
 
 class TensorParallelLeader:
@@ -72,7 +95,7 @@ class TensorParallelLeader:
         self._heartbeat_interval_s = parallel.worker_heartbeat_interval_s
         self._heartbeat_timeout_s = parallel.worker_heartbeat_timeout_s
         self._store = store  # rank 0 serves the store: it lives as long as the leader
-        self._processes: list[BaseProcess] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
         self.group: TensorParallelGroup | None = None
         self.dead_reason: str | None = None
         self._listeners: list[DeathListener] = []
@@ -81,7 +104,7 @@ class TensorParallelLeader:
         self._monitor: threading.Thread | None = None
         self._closed = False
         # Local workers must not outlive this object, even if nobody calls shutdown().
-        self._finalizer = weakref.finalize(self, _stop_processes, self._processes, 0.0)
+        self._finalizer = weakref.finalize(self, _abandon, self._processes, self._stopping)
 
     # -- start -----------------------------------------------------------------------------------
     @classmethod
@@ -89,6 +112,11 @@ class TensorParallelLeader:
         """Start (or await) the workers and join the process group as rank 0."""
         world = config.parallel.tensor_parallel_size
         timeout = timedelta(seconds=config.parallel.distributed_timeout_s)
+        if dist.is_initialized():
+            raise ModelLoadError(
+                "this process already belongs to a torch.distributed group (another "
+                "tensor-parallel engine?): shut that down first"
+            )
         try:
             env = LaunchEnv.from_environ()
         except ValueError as exc:
@@ -112,8 +140,10 @@ class TensorParallelLeader:
         try:
             store = connect_store(host, port, world, timeout, is_master=True)
         except RuntimeError as exc:
-            raise ModelLoadError(f"cannot serve the rendezvous store on port {port}: {exc}") from exc
-        store.set(CONFIG_KEY, pickle.dumps(config))
+            raise ModelLoadError(
+                f"cannot serve the rendezvous store on port {port}: {exc}"
+            ) from exc
+        store.set(CONFIG_KEY, encode_config(config))
         leader = cls(config, store)
         try:
             if env is None:
@@ -134,6 +164,9 @@ class TensorParallelLeader:
             leader.group = TensorParallelGroup.join(
                 rank=0, world_size=world, store=store, device=device, timeout=timeout
             )
+            # Watch from here on: a worker dying while loading must not leave rank 0 waiting
+            # in a collective until the timeout.
+            leader._start_monitor()
         except BaseException as exc:
             leader.shutdown(graceful=False)
             if isinstance(exc, TimeoutError | RuntimeError):
@@ -142,24 +175,23 @@ class TensorParallelLeader:
         return leader
 
     def _spawn_local(self, config: EngineConfig, port: int) -> None:
-        context = mp.get_context("spawn")
-        level = logging.getLogger().getEffectiveLevel()
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        command = [
+            sys.executable, "-m", "pagedserve.backend.runner.worker",
+            "--parent-pid", str(os.getpid()),
+            "--distributed-timeout-s", str(config.parallel.distributed_timeout_s),
+            "--log-level", level if level in LOG_LEVELS else "INFO",
+        ]
         for rank in range(1, self.world_size):
-            spec = WorkerSpec(
-                rank=rank,
-                world_size=self.world_size,
-                master_addr=LOCALHOST,
-                master_port=port,
-                local_rank=rank,
-                timeout_s=config.parallel.distributed_timeout_s,
-                parent_pid=os.getpid(),
-                log_level=level,
-            )
-            process = context.Process(
-                target=run_local_worker, args=(spec,), name=f"pagedserve-tp{rank}", daemon=True
-            )
-            process.start()
-            self._processes.append(process)
+            env = {
+                **os.environ,
+                "MASTER_ADDR": LOCALHOST,
+                "MASTER_PORT": str(port),
+                "WORLD_SIZE": str(self.world_size),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+            }
+            self._processes.append(subprocess.Popen(command, env=env))
         logger.info(
             "spawned tensor-parallel workers: %s",
             ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(self._processes, 1)),
@@ -168,7 +200,7 @@ class TensorParallelLeader:
     @property
     def worker_pids(self) -> list[int]:
         """Pids of the workers this process spawned (none when they run elsewhere)."""
-        return [p.pid for p in self._processes if p.pid is not None]
+        return [p.pid for p in self._processes]
 
     # -- liveness --------------------------------------------------------------------------------
     def add_death_listener(self, listener: DeathListener) -> None:
@@ -183,11 +215,23 @@ class TensorParallelLeader:
 
     def _exited_process(self) -> str | None:
         for rank, p in enumerate(self._processes, 1):
-            if p.exitcode is not None:
-                return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+            code = p.poll()
+            if code is not None:
+                return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {code}"
         return None
 
-    def start_monitor(self) -> None:
+    def step_failed(self, error: BaseException) -> str:
+        """A collective failed on rank 0: mark the group dead and return why, naming the local
+        worker that exited when there is one (its exit may take a moment to register)."""
+        deadline = time.monotonic() + _EXIT_REGISTER_S
+        reason = self.dead_reason or self._exited_process()
+        while reason is None and self._processes and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            reason = self._exited_process()
+        self._declare_dead(reason or f"tensor-parallel step failed: {error}")
+        return self.dead_reason or str(error)
+
+    def _start_monitor(self) -> None:
         self._monitor = threading.Thread(
             target=self._watch, name="pagedserve-tp-monitor", daemon=True
         )
@@ -199,10 +243,24 @@ class TensorParallelLeader:
         store = connect_store(LOCALHOST, self._store.port, self.world_size, self.timeout)
         counts = heartbeat_counts(store, ranks)
         heard = {r: time.monotonic() for r in ranks}
-        sentinels = [p.sentinel for p in self._processes]
+        exit_fds = _exit_fds(self._processes)
+        try:
+            self._watch_loop(store, ranks, counts, heard, exit_fds)
+        finally:
+            for fd in exit_fds:
+                os.close(fd)
+
+    def _watch_loop(
+        self,
+        store: dist.Store,
+        ranks: range,
+        counts: dict[int, int],
+        heard: dict[int, float],
+        exit_fds: list[int],
+    ) -> None:
         while not self._stopping.is_set():
-            if sentinels:
-                wait_for_sentinels(sentinels, timeout=self._heartbeat_interval_s)
+            if exit_fds:  # wakes at once when a local worker exits
+                wait_for_fds(exit_fds, timeout=self._heartbeat_interval_s)
             else:
                 self._stopping.wait(self._heartbeat_interval_s)
             if self._stopping.is_set():
@@ -236,7 +294,7 @@ class TensorParallelLeader:
         logger.error("%s; the engine cannot continue", reason)
         # The group is unusable now: free the other workers' devices and unblock rank 0.
         for p in self._processes:
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()
         if self.group is not None:
             self.group.abort()
@@ -254,7 +312,9 @@ class TensorParallelLeader:
             return
         self._closed = True
         self._stopping.set()
-        if graceful and self.dead_reason is None and self.group is not None:
+        graceful = graceful and self.dead_reason is None and self.group is not None
+        if graceful:
+            assert self.group is not None
             try:
                 self.group.send_step(None)
             except Exception:
@@ -267,5 +327,5 @@ class TensorParallelLeader:
         if self.group is not None:
             self.group.destroy()
         for rank, p in enumerate(self._processes, 1):
-            if p.exitcode not in (0, None) and graceful:
-                logger.warning("tensor-parallel rank %d exited with code %s", rank, p.exitcode)
+            if graceful and p.returncode != 0:
+                logger.warning("tensor-parallel rank %d exited with code %s", rank, p.returncode)

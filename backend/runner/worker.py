@@ -3,8 +3,10 @@
 A worker has no scheduler and serves no RPCs. It takes its whole configuration from rank 0
 through the rendezvous store, joins the process group, loads its shard and loops: receive a
 step, run the same forward as rank 0 (its share of every all-reduce and all-gather), until
-rank 0 says to stop. Rank 0 spawns workers on its own host (``run_local_worker``); on other
-nodes they are started as ``pagedserve worker`` with torch.distributed's environment variables.
+rank 0 says to stop. On other nodes workers are started as ``pagedserve worker`` with
+torch.distributed's environment variables; rank 0 starts the ones on its own host the same way
+(``python -m pagedserve.backend.runner.worker``, a fresh interpreter that never re-runs the
+caller's main script, as multiprocessing's spawn would).
 
 A worker never outlives its engine: a local one exits when its parent process is gone, and
 every one exits when rank 0's store or sockets go away.
@@ -15,29 +17,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pagedserve.backend.config import ParallelConfig
-from pagedserve.backend.runner.distributed import (
-    CONFIG_KEY,
-    HEARTBEAT,
-    LaunchEnv,
-    TensorParallelGroup,
-    connect_store,
-)
+
+# torch and the runner are imported where used, so `pagedserve --help` stays light.
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-logger = logging.getLogger(__name__)
+# Named explicitly: rank 0 runs this module as __main__.
+logger = logging.getLogger("pagedserve.backend.runner.worker")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Exit codes: the step loop failed; rank 0 went away (parent gone, store unreachable).
 EXIT_FAILED = 1
 EXIT_LOST_RANK0 = 3
@@ -46,6 +44,8 @@ EXIT_USAGE = 2
 
 @dataclass(frozen=True)
 class WorkerSpec:
+    """Where a worker finds rank 0 and who it is; everything else comes from rank 0."""
+
     rank: int
     world_size: int
     master_addr: str
@@ -57,7 +57,6 @@ class WorkerSpec:
     model: str | None = None
     # Local workers: exit as soon as this process (rank 0) is gone.
     parent_pid: int | None = None
-    log_level: int = logging.INFO
 
 
 class _Lifeline(threading.Thread):
@@ -71,6 +70,8 @@ class _Lifeline(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        from pagedserve.backend.runner.distributed import HEARTBEAT, connect_store
+
         spec = self._spec
         key = f"{HEARTBEAT}/{spec.rank}"
         try:
@@ -83,7 +84,7 @@ class _Lifeline(threading.Thread):
                     self._lost(f"parent process {spec.parent_pid} is gone")
                 store.add(key, 1)
                 self.stop.wait(self._interval_s)
-        except Exception as exc:  # the store lives in rank 0: failing to reach it means rank 0 is gone
+        except Exception as exc:  # the store lives in rank 0: unreachable means rank 0 is gone
             if not self.stop.is_set():
                 self._lost(f"rank 0's store is unreachable: {exc}")
 
@@ -100,11 +101,17 @@ def _flush_logs() -> None:
 
 def run_worker(spec: WorkerSpec) -> int:
     """The worker's life; returns its exit code (0 after rank 0 said to stop)."""
+    from pagedserve.backend.runner.distributed import (
+        CONFIG_KEY,
+        TensorParallelGroup,
+        connect_store,
+        decode_config,
+    )
     from pagedserve.backend.runner.model_runner import ModelRunner, rank_device
 
     timeout = timedelta(seconds=spec.timeout_s)
     store = connect_store(spec.master_addr, spec.master_port, spec.world_size, timeout)
-    config = pickle.loads(store.get(CONFIG_KEY))
+    config = decode_config(store.get(CONFIG_KEY))
     if spec.model is not None:
         config.model.model = spec.model
     if config.parallel.tensor_parallel_size != spec.world_size:
@@ -145,19 +152,14 @@ def _run_guarded(spec: WorkerSpec) -> int:
         os._exit(EXIT_FAILED)
 
 
-def run_local_worker(spec: WorkerSpec) -> None:
-    """Entry point of a worker spawned by rank 0 on the same host."""
-    logging.basicConfig(level=spec.log_level, format=LOG_FORMAT)
-    # Ctrl-C reaches the whole process group; rank 0 alone decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    code = _run_guarded(spec)
-    _flush_logs()
-    os._exit(code)
-
-
 # -- `pagedserve worker` ------------------------------------------------------------------------
 def worker_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    from pagedserve.backend.runner.distributed import LaunchEnv
+
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    if args.parent_pid is not None:
+        # Ctrl-C reaches the whole process group; rank 0 alone decides when its workers stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         env = LaunchEnv.from_environ()
         if env is None:
@@ -185,20 +187,12 @@ def worker_command(args: argparse.Namespace) -> int:
         local_rank=env.local_rank if env.local_rank is not None else env.rank,
         timeout_s=args.distributed_timeout_s,
         model=args.model,
+        parent_pid=args.parent_pid,
     )
     return _run_guarded(spec)
 
 
-def register_worker(sub: "SubParsers") -> None:
-    parser = sub.add_parser(
-        "worker",
-        help="run one tensor-parallel rank > 0 for a `pagedserve serve` on another node",
-        description=(
-            "Join the tensor-parallel group of rank 0 (`pagedserve serve "
-            "--tensor-parallel-size N`) through MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK. "
-            "The engine configuration comes from rank 0."
-        ),
-    )
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
@@ -216,4 +210,41 @@ def register_worker(sub: "SubParsers") -> None:
         default=ParallelConfig.distributed_timeout_s,
         help="how long to wait for rank 0's store",
     )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit as soon as this process is gone (rank 0 passes its own pid to the workers "
+        "it starts on its host)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=LOG_LEVELS
+    )
+
+
+def register_worker(sub: "SubParsers") -> None:
+    parser = sub.add_parser(
+        "worker",
+        help="run one tensor-parallel rank > 0 for a `pagedserve serve` on another node",
+        description=(
+            "Join the tensor-parallel group of rank 0 (`pagedserve serve "
+            "--tensor-parallel-size N`) through MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK. "
+            "The engine configuration comes from rank 0."
+        ),
+    )
+    add_worker_args(parser)
     parser.set_defaults(func=worker_command)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """``python -m pagedserve.backend.runner.worker``: how rank 0 starts workers on its host."""
+    parser = argparse.ArgumentParser(prog="pagedserve worker")
+    add_worker_args(parser)
+    code = worker_command(parser.parse_args(argv))
+    _flush_logs()
+    # Skip interpreter teardown: the process group is gone and nothing else needs cleaning.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
