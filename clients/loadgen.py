@@ -234,7 +234,6 @@ async def _one_request(
         call = client.generate(
             prompt_token_ids=prompt,
             max_tokens=max_tokens,
-            min_tokens=0,
             temperature=0.0,
             ignore_eos=ignore_eos,
         )
@@ -314,7 +313,7 @@ def _in_process_report(
     """Serve from a server in this process; with ``--compare-offline`` alternate each round
     with the offline engine on the same prompts, so both see the same machine conditions."""
     from pagedserve.backend.cli import engine_config_from_args
-    from pagedserve.backend.config import ServerConfig
+    from pagedserve.backend.config import ServerConfig, TelemetryConfig
     from pagedserve.backend.llm import LLM
     from pagedserve.backend.server.server import BackgroundServer
 
@@ -322,7 +321,8 @@ def _in_process_report(
     llm = LLM.from_config(engine_config) if args.compare_offline else None
     reports: list[BenchReport] = []
     offline: list[float] = []
-    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0), engine_config) as server:
+    config = ServerConfig(host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0))
+    with BackgroundServer(config, engine_config) as server:
         server.wait_ready()
         for round_index in range(args.repeat):
             # Fresh prompts each round: no prefix-cache help from the round before.
@@ -344,9 +344,14 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     pattern = LoadPattern(args.request_rate, args.burstiness, args.max_concurrency)
+    if args.compare_tracing and not args.server:
+        from pagedserve.backend.telemetry.tracing_bench import run_tracing_comparison
+
+        return run_tracing_comparison(args, workload, pattern)
     if args.server:
-        if args.compare_offline or args.repeat != 1:
-            print("--compare-offline and --repeat need the in-process server (no --server)",
+        if args.compare_offline or args.compare_tracing or args.repeat != 1:
+            print("--compare-offline, --compare-tracing and --repeat need the in-process server "
+                  "(no --server)",
                   file=sys.stderr)
             return 2
         report = asyncio.run(run_load(args.server, workload, pattern, progress=args.progress))
@@ -393,6 +398,10 @@ def register_bench_serve(bench_sub: Any) -> None:
     p.add_argument(
         "--compare-offline", action="store_true",
         help="also run bench offline's pagedserve measurement on the same workload",
+    )
+    p.add_argument(
+        "--compare-tracing", action="store_true",
+        help="in-process: tracing off vs on (OTLP to a local collector), rounds alternating",
     )
     p.add_argument(
         "--repeat", type=int, default=1,

@@ -1,0 +1,117 @@
+"""The telemetry thread: the engine and the event loop post, it does the work.
+
+The engine thread's listeners only enqueue (one put per step and one per delivery), so metrics
+and spans never lengthen a step; the event loop posts two messages per traced RPC. Items are
+handled in the order they were posted, which is what lets step spans link to requests that
+the event loop registered just before handing them to the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pagedserve.backend.engine.request import RequestOutputDelta
+from pagedserve.backend.telemetry.metrics import ServingMetrics
+from pagedserve.backend.telemetry.tracing import BEGIN, RPC_END, RequestTracer
+
+if TYPE_CHECKING:
+    from pagedserve.backend.engine.engine import StepInfo
+
+logger = logging.getLogger(__name__)
+
+_STEP = "step"
+_OUTPUTS = "outputs"
+_FLUSH = "flush"
+_STOP = "stop"
+
+
+class Observer:
+    """Owns the telemetry thread; ``tracer`` and ``metrics`` are each optional."""
+
+    def __init__(
+        self, tracer: RequestTracer | None, metrics: ServingMetrics | None, poll_s: float
+    ) -> None:
+        self._tracer = tracer
+        self._metrics = metrics
+        self._poll_s = poll_s
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-telemetry", daemon=True)
+        self._last_step: StepInfo | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        self._queue.put(item)
+
+    # -- engine-thread listeners ----------------------------------------------------------------
+    def on_step(self, info: "StepInfo") -> None:
+        if info is self._last_step:  # an empty step reports the previous one again
+            return
+        self._last_step = info
+        self._queue.put((_STEP, info))
+
+    def on_outputs(self, deltas: Sequence[RequestOutputDelta]) -> None:
+        self._queue.put((_OUTPUTS, deltas, time.time()))
+
+    # -- control ------------------------------------------------------------------------------------
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything posted so far has been handled."""
+        if not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._queue.put((_FLUSH, done))
+        return done.wait(timeout_s)
+
+    def stop(self, timeout_s: float) -> None:
+        """Handle what is queued, finish every open request span, and end the thread."""
+        if self._thread.is_alive():
+            self._queue.put((_STOP,))
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._poll_s)
+            except queue.Empty:
+                item = None
+            if item is not None and item[0] == _STOP:
+                break
+            try:
+                if item is not None:
+                    self._handle(item)
+                if self._tracer is not None:
+                    self._tracer.expire(time.monotonic())
+            except Exception:  # telemetry must never take the server down
+                logger.exception("telemetry failed on %s", item[0] if item else "expiry")
+        if self._tracer is not None:
+            self._tracer.close()
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        tracer, metrics = self._tracer, self._metrics
+        if kind == _STEP:
+            if metrics is not None:
+                metrics.on_step(item[1])
+            if tracer is not None:
+                tracer.on_step(item[1])
+        elif kind == _OUTPUTS:
+            if metrics is not None:
+                metrics.on_outputs(item[1], item[2])
+            if tracer is not None:
+                for delta in item[1]:
+                    if delta.finished:
+                        tracer.on_finished(delta)
+        elif kind == BEGIN:
+            assert tracer is not None
+            tracer.on_begin(item[1])
+        elif kind == RPC_END:
+            assert tracer is not None
+            tracer.on_rpc_end(item[1])
+        elif kind == _FLUSH:
+            item[1].set()

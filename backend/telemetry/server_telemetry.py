@@ -1,0 +1,131 @@
+"""What one server owns for observability: its tracer provider (or none), its metrics registry
+and HTTP endpoint, and the telemetry thread fed by the engine's listeners.
+
+The server creates it before binding (``start`` binds the metrics port, so a busy port fails
+startup like a busy gRPC port does), ``attach``es the engine once it is loaded and warmed (the
+warm-up request is not traffic), hands ``rpc`` to the services, and ``shutdown``s it last,
+which exports every span still open.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
+import grpc
+
+from pagedserve.backend.config import TelemetryConfig
+from pagedserve.backend.telemetry.metrics import ServingMetrics
+from pagedserve.backend.telemetry.observer import Observer
+from pagedserve.backend.telemetry.tracing import NO_TRACE, NoTrace, RequestTracer, RpcTrace, rpc_span
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from pagedserve.backend.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+INSTRUMENTATION_NAME = "pagedserve"
+# How often the telemetry thread looks for request spans whose engine final is overdue.
+_POLL_S = 0.5
+_STOP_TIMEOUT_S = 10.0
+_FLUSH_TIMEOUT_MS = 10_000
+
+
+class ServerTelemetry:
+    def __init__(
+        self, config: TelemetryConfig, tracer_provider: "TracerProvider | None" = None
+    ) -> None:
+        self.config = config
+        self.tracer_provider = tracer_provider
+        self.metrics = ServingMetrics() if config.metrics_port is not None else None
+        self._tracer = (
+            tracer_provider.get_tracer(INSTRUMENTATION_NAME) if tracer_provider is not None else None
+        )
+        requests = (
+            RequestTracer(
+                self._tracer,
+                trace_steps=config.trace_engine_steps,
+                final_wait_s=config.engine_final_wait_s,
+            )
+            if self._tracer is not None
+            else None
+        )
+        self._observer = (
+            Observer(requests, self.metrics, _POLL_S)
+            if requests is not None or self.metrics is not None
+            else None
+        )
+        self._http: WSGIServer | None = None
+        self.metrics_port: int | None = None
+
+    @classmethod
+    def from_config(cls, config: TelemetryConfig) -> "ServerTelemetry":
+        """OTLP export when an endpoint is configured (here or OTEL_*), metrics as configured."""
+        from pagedserve.backend.telemetry.exporting import build_tracer_provider
+
+        return cls(config, build_tracer_provider(config))
+
+    @classmethod
+    def disabled(cls) -> "ServerTelemetry":
+        return cls(TelemetryConfig(metrics_port=None))
+
+    @property
+    def tracing(self) -> bool:
+        return self._tracer is not None
+
+    def start(self) -> None:
+        """Bind the metrics endpoint (OSError if the port is taken) and start the thread."""
+        if self.metrics is not None:
+            from prometheus_client import start_http_server
+
+            port = self.config.metrics_port
+            assert port is not None
+            self._http, _ = start_http_server(
+                port, addr=self.config.metrics_host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._http.server_port
+            logger.info("metrics on %s:%d", self.config.metrics_host, self.metrics_port)
+        if self._observer is not None:
+            self._observer.start()
+        if self.tracing:
+            logger.info("tracing: exporting spans over OTLP")
+
+    def attach(self, engine: "AsyncEngine") -> None:
+        """Observe ``engine``: its steps and deliveries go to the telemetry thread."""
+        if self._observer is None:
+            return
+        if self.metrics is not None:
+            self.metrics.bind(engine.model_info.name, engine.get_load)
+        engine.add_step_listener(self._observer.on_step)
+        engine.add_output_listener(self._observer.on_outputs)
+
+    def rpc(
+        self, service: str, method: str, context: grpc.aio.ServicerContext, request_id: str
+    ) -> AbstractContextManager[RpcTrace | NoTrace]:
+        """The RPC's SERVER span for the ``with`` block around the handler's body."""
+        if self._tracer is None or self._observer is None:
+            return nullcontext(NO_TRACE)
+        return rpc_span(self._tracer, self._observer.post, service, method, context, request_id)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Handle everything posted so far and export the finished spans (tests, benchmarks)."""
+        ok = self._observer.flush(timeout_s) if self._observer is not None else True
+        if self.tracer_provider is not None:
+            ok = self.tracer_provider.force_flush(int(timeout_s * 1000)) and ok
+        return ok
+
+    def shutdown(self) -> None:
+        if self._observer is not None:
+            self._observer.stop(_STOP_TIMEOUT_S)
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush(_FLUSH_TIMEOUT_MS)
+            self.tracer_provider.shutdown()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,94 @@
+"""The telemetry thread's bookkeeping, driven directly: overdue engine finals, reused ids."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from pagedserve.backend.engine.engine import StepInfo
+from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes, Usage
+from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.telemetry.exporting import new_tracer_provider
+from pagedserve.backend.telemetry.tracing import BEGIN, RPC_END, RequestTracer, RpcTrace
+
+WAIT_S = 5.0
+
+
+class Harness:
+    """A RequestTracer whose posted messages are delivered at once, as the observer would."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer = new_tracer_provider(SimpleSpanProcessor(self.exporter)).get_tracer("t")
+        self.requests = RequestTracer(self.tracer, trace_steps=True, final_wait_s=WAIT_S)
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        kind, trace = item
+        {BEGIN: self.requests.on_begin, RPC_END: self.requests.on_rpc_end}[kind](trace)
+
+    def rpc(self, request_id: str) -> RpcTrace:
+        trace = RpcTrace(self.tracer.start_span("rpc"), request_id, self.post)
+        trace.start_request(
+            model="", served_model="m", chat=False, stream=True, params=SamplingParams()
+        )
+        trace.mark_admitted()
+        return trace
+
+    def step(self, *request_ids: str) -> None:
+        now = time.time()
+        self.requests.on_step(StepInfo(now, now, list(request_ids), 1, 0, 0, 0.5))
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.exporter.get_finished_spans()]
+
+
+def _final(request_id: str, arrival: float) -> RequestOutputDelta:
+    times = RequestTimes(arrival, arrival, arrival, time.time())
+    return RequestOutputDelta(
+        request_id, "", [], finished=True, finish_reason=FinishReason.LENGTH,
+        usage=Usage(3, 1, 0), times=times,
+    )
+
+
+def test_an_overdue_engine_final_still_ends_the_rpc_span() -> None:
+    h = Harness()
+    trace = h.rpc("lost")
+    trace.end(grpc.StatusCode.UNAVAILABLE, "engine died")
+    h.requests.expire(time.monotonic())
+    assert h.names() == []  # waiting for the engine's word
+    h.requests.expire(time.monotonic() + WAIT_S + 1)
+    (span,) = h.exporter.get_finished_spans()
+    assert span.attributes["error.type"] == "UNAVAILABLE"
+    assert "gen_ai.usage.output_tokens" not in span.attributes
+    # A final that turns up later finds nothing open and changes nothing.
+    h.requests.on_finished(_final("lost", time.time()))
+    assert h.names() == ["rpc"]
+
+
+def test_a_reused_request_id_links_and_finishes_the_newer_rpc() -> None:
+    h = Harness()
+    first = h.rpc("same")
+    h.step("same")
+    h.requests.on_finished(_final("same", time.time()))
+    first.end(grpc.StatusCode.OK, None)
+    second = h.rpc("same")  # the client reuses the id once the first is over
+    time.sleep(0.001)
+    h.step("same")
+    steps = [s for s in h.exporter.get_finished_spans() if s.name == "engine.step"]
+    assert [l.context.span_id for l in steps[0].links] == [first.context.span_id]
+    assert [l.context.span_id for l in steps[1].links] == [second.context.span_id]
+    h.requests.on_finished(_final("same", time.time()))
+    second.end(grpc.StatusCode.OK, None)
+    rpcs = [s for s in h.exporter.get_finished_spans() if s.name == "rpc"]
+    assert [s.context.span_id for s in rpcs] == [first.context.span_id, second.context.span_id]
+    assert all(s.attributes["gen_ai.usage.output_tokens"] == 1 for s in rpcs)
+
+
+def test_a_step_of_untraced_requests_makes_no_span() -> None:
+    h = Harness()
+    h.step("not-traced", "also-not")
+    assert h.names() == []
