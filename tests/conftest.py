@@ -17,6 +17,11 @@ from typing import Any
 import pytest
 import torch
 
+# Triton kernels run under the interpreter on machines without CUDA. The variable must be set
+# before any kernel module is imported (the decorator reads it), so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from pagedserve.backend.config import default_cache_dir
 from pagedserve.backend.models.default_model import default_model_dir as convert_default
 

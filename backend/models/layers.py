@@ -103,7 +103,23 @@ class _VocabShard:
 # --------------------------------------------------------------------------------------------
 
 
-class VocabEmbedding(nn.Module):
+class _VocabParallel(nn.Module):
+    """A [vocab_size, hidden_size] matrix split over ranks by vocabulary rows (``self.shard``)."""
+
+    vocab_size: int
+    hidden_size: int
+    shard: _VocabShard
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        self.shard.load(param, loaded_weight)
+
+    def full_shapes(self, param: nn.Parameter) -> FullShapes:
+        return {None: (self.vocab_size, self.hidden_size)}
+
+
+class VocabEmbedding(_VocabParallel):
     """Token embedding split over ranks by vocabulary rows.
 
     Each rank looks up the ids in its slice (others give zero rows) and the partial results are
@@ -124,14 +140,6 @@ class VocabEmbedding(nn.Module):
         self.hidden_size = hidden_size
         self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
         self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
-
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
-    ) -> None:
-        self.shard.load(param, loaded_weight)
-
-    def full_shapes(self, param: nn.Parameter) -> FullShapes:
-        return {None: (self.vocab_size, self.hidden_size)}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.shard.tp_size == 1:
@@ -429,7 +437,7 @@ class RowParallelLinear(_ShardedLinear):
         return out
 
 
-class LMHead(nn.Module):
+class LMHead(_VocabParallel):
     """Hidden states to fp32 logits; shares the embedding matrix when the model ties them.
 
     Split over ranks by vocabulary rows like the embedding: each rank computes the logits of
@@ -457,14 +465,6 @@ class LMHead(nn.Module):
             self.weight = tied_embedding.weight
         else:
             self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
-
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
-    ) -> None:
-        self.shard.load(param, loaded_weight)
-
-    def full_shapes(self, param: nn.Parameter) -> FullShapes:
-        return {None: (self.vocab_size, self.hidden_size)}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, None)
