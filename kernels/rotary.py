@@ -52,10 +52,25 @@ def apply_rotary_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns rotated (q, k) in their dtypes; cos/sin are cast to that dtype first, as
     transformers does, so fp32 results match it exactly."""
+    cos, sin = rotary_cos_sin(positions, cache, q.dtype)
+    return apply_rotary_cos_sin(q, k, cos, sin)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's per-token cos and sin, [num_tokens, 1, head_dim] in ``dtype``: the same
+    for every layer of a forward, so a model may compute them once and reuse them."""
     half = cache.shape[-1] // 2
     cs = cache[positions]
-    cos = cs[:, :half].repeat(1, 2).unsqueeze(1).to(q.dtype)
-    sin = cs[:, half:].repeat(1, 2).unsqueeze(1).to(q.dtype)
+    cos = cs[:, :half].repeat(1, 2).unsqueeze(1).to(dtype)
+    sin = cs[:, half:].repeat(1, 2).unsqueeze(1).to(dtype)
+    return cos, sin
+
+
+def apply_rotary_cos_sin(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

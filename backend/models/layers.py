@@ -22,6 +22,7 @@ from torch import nn
 
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
+from pagedserve.kernels.triton_utils import use_triton
 
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
@@ -218,12 +219,21 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rotary_ops.rope_inv_freq(head_dim, float(params["rope_theta"]), params)
         cache = rotary_ops.cos_sin_cache(inv_freq, max_position)
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+        # The reference path's per-token cos/sin for the positions of the forward in progress:
+        # every layer rotates at the same positions, so they are gathered once, not per layer.
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, head_dim], k [T, kv_heads, head_dim] -> rotated (q, k)."""
-        return rotary_ops.apply_rotary(q, k, positions, self.cos_sin_cache)
+        if use_triton(q):
+            return rotary_ops.apply_rotary(q, k, positions, self.cos_sin_cache)
+        memo = self._memo
+        if memo is None or memo[0] is not positions or memo[1].dtype != q.dtype:
+            cos, sin = rotary_ops.rotary_cos_sin(positions, self.cos_sin_cache, q.dtype)
+            memo = self._memo = (positions, cos, sin)
+        return rotary_ops.apply_rotary_cos_sin(q, k, memo[1], memo[2])
 
 
 # --------------------------------------------------------------------------------------------
