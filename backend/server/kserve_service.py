@@ -353,9 +353,21 @@ class KServeServicer:
                 out.put_nowait(done)
 
         reader = asyncio.create_task(read())
+        drain = asyncio.create_task(self._state.drain_started.wait())
         try:
             while producers:
-                item = await out.get()
+                if drain.done() and producers == 1:
+                    # Draining with no request in flight: end the call (OK) rather than let an
+                    # idle client hold the drain until its deadline.
+                    break
+                get = asyncio.ensure_future(out.get())
+                # Once the drain has begun only the queue can wake us (no busy loop).
+                waiters = {get} if drain.done() else {get, drain}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    continue
+                item = get.result()
                 if item is done:
                     producers -= 1
                 elif isinstance(item, Exception):
@@ -363,9 +375,9 @@ class KServeServicer:
                 else:
                     await context.write(item)
         finally:
-            for task in (reader, *tasks):
+            for task in (reader, drain, *tasks):
                 task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+            await asyncio.gather(reader, drain, *tasks, return_exceptions=True)
 
 
 async def _unimplemented(method: str, context: grpc.aio.ServicerContext) -> NoReturn:

@@ -17,6 +17,8 @@ All methods run on the server's event loop.
 
 from __future__ import annotations
 
+import asyncio
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,8 @@ class ServerState:
     health_services: list[str] = field(default_factory=lambda: [""])
     # Traces and metrics (backend/telemetry): services open their RPC spans through it.
     telemetry: ServerTelemetry = field(default_factory=ServerTelemetry.disabled)
+    # Set when the drain starts, for long-lived calls that must end then (idle KServe streams).
+    drain_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def ready(self) -> bool:
@@ -83,6 +87,7 @@ class ServerState:
     async def mark_draining(self) -> None:
         """NOT_SERVING for good: health watches get it and end, so they do not hold the drain."""
         self.draining = True
+        self.drain_started.set()
         await self._publish()
         await self.health.close()
 

@@ -195,3 +195,39 @@ def test_second_signal_exits_at_once(drain_server: ServeProcess) -> None:
     assert stream.error.code() == grpc.StatusCode.UNAVAILABLE, stream.error
     assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in stream.responses)
     assert "exiting now" in server.log_text()
+
+
+@pytest.mark.parametrize("drain_server", [60.0], indirect=True)
+def test_idle_triton_stream_does_not_hold_the_drain(drain_server: ServeProcess) -> None:
+    """A Triton client that keeps its ModelStreamInfer stream open after its work is done must
+    not keep the process alive until the drain deadline."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    responses: list[object] = []
+    client = grpcclient.InferenceServerClient(drain_server.address)
+    try:
+        name = GenerationClient(drain_server.address).model_info().model_name
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+        stream = grpcclient.InferInput("stream", [1], "BOOL")
+        stream.set_data_from_numpy(np.array([True]))
+        client.start_stream(callback=lambda result, error: responses.append(result or error))
+        client.async_stream_infer(name, [text, stream], request_id="1",
+                                  parameters={"max_tokens": 3, "temperature": 0})
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while not any(
+            r is not None and hasattr(r, "get_response")
+            and r.get_response().parameters["triton_final_response"].bool_param
+            for r in responses
+        ):
+            assert time.monotonic() < deadline, "the stream's request never finished"
+            time.sleep(0.05)
+        # The stream stays open and idle; the drain must still end promptly.
+        started = time.monotonic()
+        drain_server.process.send_signal(signal.SIGTERM)
+        assert drain_server.wait_exit(timeout_s=30.0) == 0
+        assert time.monotonic() - started < 30.0
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
