@@ -42,6 +42,22 @@ class AttentionMetadata:
     # choose from max_seq_len and the SM count. A CUDA graph may pin it at capture.
     num_kv_splits: int | None = None
 
+    @classmethod
+    def single_prefill(cls, n: int, block_size: int, device: torch.device | str) -> "AttentionMetadata":
+        """One sequence of ``n`` new tokens with no cached prefix, stored in blocks 0, 1, ...
+        (profiling steps, whole-prompt logits)."""
+        blocks = -(-n // block_size)
+        return cls(
+            slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=device).unsqueeze(0),
+            max_query_len=n,
+            max_seq_len=n,
+            query_lens_cpu=[n],
+            seq_lens_cpu=[n],
+        )
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)

@@ -197,13 +197,7 @@ class ModelRunner:
         blocks = -(-n // bs)
         caches = self._allocate_kv_caches(blocks)
         dev = self.device
-        metadata = AttentionMetadata(
-            slot_mapping=torch.arange(n, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev).unsqueeze(0),
-            max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n],
-        )
+        metadata = AttentionMetadata.single_prefill(n, bs, dev)
         ids = torch.zeros(n, dtype=torch.int64, device=dev)
         hidden = self.model(ids, torch.arange(n, device=dev), caches, metadata)
         rows = min(sched.max_num_seqs, n)

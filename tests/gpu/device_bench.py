@@ -170,15 +170,8 @@ def teacher_forced_logits(runner: Any, ids: list[int]) -> torch.Tensor:
     """Logits at every position of one prefill through our model and paged attention."""
     from pagedserve.backend.runner.attention import AttentionMetadata
 
-    n, bs = len(ids), runner.block_size
-    blocks = torch.arange(-(-n // bs), dtype=torch.int32, device="cuda")
-    metadata = AttentionMetadata(
-        slot_mapping=torch.arange(n, dtype=torch.int64, device="cuda"),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device="cuda"),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device="cuda"),
-        block_tables=blocks.unsqueeze(0), max_query_len=n, max_seq_len=n,
-        query_lens_cpu=[n], seq_lens_cpu=[n],
-    )
+    n = len(ids)
+    metadata = AttentionMetadata.single_prefill(n, runner.block_size, "cuda")
     hidden = runner.model(torch.tensor(ids, device="cuda"), torch.arange(n, device="cuda"),
                           runner.kv_caches, metadata)
     return runner.model.compute_logits(hidden)

@@ -32,16 +32,7 @@ def _logits(model_dir: Path, tp_rank: int, tp_size: int) -> torch.Tensor:
     caches = [
         torch.zeros(2, 1, n, model.num_kv_heads, model.head_dim) for _ in range(model.num_layers)
     ]
-    metadata = AttentionMetadata(
-        slot_mapping=torch.arange(n),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        block_tables=torch.zeros(1, 1, dtype=torch.int32),
-        max_query_len=n,
-        max_seq_len=n,
-        query_lens_cpu=[n],
-        seq_lens_cpu=[n],
-    )
+    metadata = AttentionMetadata.single_prefill(n, block_size=n, device="cpu")
     with torch.no_grad():
         hidden = model(torch.tensor(PROMPT), torch.arange(n), caches, metadata)
         return model.compute_logits(hidden)
