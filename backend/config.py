@@ -97,6 +97,9 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # CUDA graphs for decode batches; ignored on CPU.
     enable_cuda_graphs: bool = True
+    # Queue step N+1 on the device before step N's ids reach the host (see engine.py). None:
+    # on for CUDA without tensor parallelism, off on the CPU where nothing would overlap.
+    overlap_scheduling: bool | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

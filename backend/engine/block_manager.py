@@ -105,11 +105,14 @@ class BlockManager:
         self.prefix_cache_hits += hit_tokens
         return hit_tokens
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's full, computed blocks in the prefix index."""
+    def cache_full_blocks(self, request: Request, num_computed: int | None = None) -> None:
+        """Register the request's full, computed blocks in the prefix index: those within its
+        first ``num_computed`` tokens (default: all computed ones) whose ids the host knows."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        num_full = min(num_computed, request.num_tokens) // self.block_size
         done = self._registered.get(request.request_id, 0)
         if num_full <= done:
             return

@@ -1,7 +1,10 @@
 """The synchronous engine: admission, the step loop body, and request bookkeeping.
 
-``step()`` runs schedule -> execute -> process outputs once and returns the deltas of that step.
-The offline ``LLM`` calls it in a loop; ``AsyncEngine`` calls it from a dedicated thread.
+``step()`` runs schedule -> launch -> process outputs and returns the deltas of one step. The
+offline ``LLM`` calls it in a loop; ``AsyncEngine`` calls it from a dedicated thread. With
+overlapped scheduling (the default on CUDA) a call schedules and queues the *next* step before it
+waits for the current one, so host work (scheduling, batch building, detokenization, stop checks)
+runs while the device computes instead of between device steps.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from typing import Any
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.block_manager import BlockManager
 from pagedserve.backend.engine.output import OutputProcessor
-from pagedserve.backend.engine.request import FinishReason, Request, RequestOutputDelta
-from pagedserve.backend.engine.scheduler import Scheduler
+from pagedserve.backend.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutputDelta,
+    RequestStatus,
+)
+from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError, InvalidRequestError, RequestTooLongError
-from pagedserve.backend.runner.model_runner import ModelRunner
+from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
 from pagedserve.backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,16 @@ class LoadInfo:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
+@dataclass
+class _InFlight:
+    """A launched step and what processing its result needs."""
+
+    sched: SchedulerOutput
+    launched: LaunchedStep
+    computed_after: list[int]  # each scheduled request's computed tokens once the step is done
+    info: StepInfo
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -80,6 +98,12 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.last_step: StepInfo | None = None
+        self._in_flight: _InFlight | None = None
+        self._num_reading_history = 0  # live requests whose params read earlier tokens
+        overlap = config.overlap_scheduling
+        if overlap is None:  # on the CPU the host and the "device" are the same cores
+            overlap = self.runner.device.type == "cuda"
+        self.overlap = overlap and self.runner.can_overlap
         self.model_info = ModelInfo(
             name=config.model.served_model_name or loaded.name,
             max_model_len=self.max_model_len,
@@ -168,6 +192,8 @@ class LLMEngine:
         self.requests[request.request_id] = request
         self.output.add_request(request)
         self.runner.add_request(request)
+        if request.params.reads_token_history:
+            self._num_reading_history += 1
 
     def abort(self, request_id: str) -> RequestOutputDelta | None:
         """Stop a request now and free its blocks; returns its final (abort) delta."""
@@ -192,21 +218,48 @@ class LLMEngine:
         req.times.finished = time.time()
         self.scheduler.finish(req)
         self.runner.remove_request(req.request_id)
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is not None and req.params.reads_token_history:
+            self._num_reading_history -= 1
         self.output.remove(req.request_id)
         self.output.final_fields(req, final_delta)
 
     # -- the step --------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests wait or run, or a launched step still has to be drained."""
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     def step(self) -> list[RequestOutputDelta]:
+        """Run one step and return its deltas.
+
+        With overlapped scheduling the step returned is the one launched by the previous call:
+        the next step is scheduled and queued on the device first, so the device computes it
+        while the host turns this step's tokens into text.
+        """
+        if self._in_flight is None:
+            self._in_flight, failed = self._launch(None)
+            if self._in_flight is None:
+                return failed
+        current = self._in_flight
+        following, failed = self._launch(current) if self._may_overlap() else (None, [])
+        deltas = failed + self._process(current)
+        self._in_flight = following
+        return deltas
+
+    def _may_overlap(self) -> bool:
+        """Penalties and min_tokens read every earlier token on the host, so a batch holding
+        such a request waits for the previous step's ids before it is scheduled."""
+        return self.overlap and self._num_reading_history == 0
+
+    def _launch(self, previous: _InFlight | None) -> tuple[_InFlight | None, list[RequestOutputDelta]]:
+        """Schedule and queue a step; on failure, finish its requests and return their deltas."""
         start = time.time()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
-        decode_tokens = sum(1 for s in sched.scheduled if s.num_new_tokens == 1 and s.request.output_token_ids)
-        self.last_step = StepInfo(
+            return None, []
+        decode_tokens = sum(  # a token at a position past the prompt is a decode
+            1 for s in sched.scheduled if s.request.num_computed_tokens >= s.request.num_prompt_tokens
+        )
+        info = StepInfo(
             start=start,
             end=start,
             request_ids=[s.request.request_id for s in sched.scheduled],
@@ -216,22 +269,50 @@ class LLMEngine:
             kv_cache_usage=self.block_manager.usage,
         )
         try:
-            result = self.runner.execute(sched)
+            launched = self.runner.launch(sched, None if previous is None else previous.launched)
         except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
             raise
         except Exception as exc:  # a failed forward fails this step's requests, not the engine
             logger.exception("model step failed")
-            return [
+            self.last_step = info
+            return None, [
                 self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
                 for s in sched.scheduled
             ]
+        computed_after = []
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(s.request)
+            computed_after.append(s.request.num_computed_tokens)
+        for req in launched.requests:
+            req.num_pending_outputs += 1
+        return _InFlight(sched, launched, computed_after, info), []
 
+    def _process(self, step: _InFlight) -> list[RequestOutputDelta]:
+        """Wait for a launched step's ids, then record them: prefix-cache registration, text,
+        stop checks, and the release of finished requests."""
+        # Requests that ended while the step ran (aborted, or stopped by the step before) got
+        # nothing from it.
+        step.info.request_ids = [
+            s.request.request_id for s in step.sched.scheduled if not s.request.is_finished
+        ]
+        self.last_step = step.info
+        try:
+            result = step.launched.wait()
+        except Exception as exc:
+            logger.exception("model step failed")
+            for req in step.launched.requests:
+                req.num_pending_outputs -= 1
+            return [
+                self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
+                for s in step.sched.scheduled
+                if not s.request.is_finished
+            ]
         deltas: list[RequestOutputDelta] = []
         now = time.time()
         for req, token_id, logprob in zip(result.requests, result.token_ids, result.logprobs):
+            req.num_pending_outputs -= 1
+            if req.is_finished:  # aborted, or it stopped a step earlier: a wasted token
+                continue
             try:
                 if req.times.first_token is None:
                     req.times.first_token = now
@@ -243,7 +324,11 @@ class LLMEngine:
             if delta.finished:
                 self._release(req, delta)
             deltas.append(delta)
-        self.last_step.end = time.time()
+        for s, computed in zip(step.sched.scheduled, step.computed_after):
+            req = s.request
+            if req.status is RequestStatus.RUNNING:  # not finished, not preempted since
+                self.block_manager.cache_full_blocks(req, computed)
+        step.info.end = time.time()
         return deltas
 
     # -- lifecycle -------------------------------------------------------------------------

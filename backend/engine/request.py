@@ -96,8 +96,12 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    # Tokens whose K/V are in the cache (prefix-cache hits included).
+    # Tokens whose K/V are in the cache or being computed by a launched step (prefix-cache
+    # hits included).
     num_computed_tokens: int = 0
+    # Tokens sampled by launched steps whose ids have not reached the host yet (0 or 1; only
+    # with overlapped scheduling). The scheduler counts them as known tokens.
+    num_pending_outputs: int = 0
     # Prompt tokens served from the prefix cache at first admission (for usage).
     num_cached_prompt_tokens: int = -1
     block_ids: list[int] = field(default_factory=list)
@@ -117,6 +121,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_expected_tokens(self) -> int:
+        """Known tokens plus those sampled on the device but not yet seen by the host."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_outputs
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -11,6 +11,11 @@ cache often makes that cheap). No new request is admitted in a step that preempt
 work resumes before new arrivals, and since admission refuses any request that could not fit in
 the whole cache on its own, the oldest request can always make progress: no deadlock, no
 starvation.
+
+With overlapped scheduling the next step is scheduled while the current one still runs on the
+device: a request whose token is being sampled counts that token as known
+(``num_pending_outputs``), so it gets its next decode slot now and its input id is taken from
+the device. One that will have reached max_tokens with that token is left out.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this step computes the request's last known token, so a new one is sampled."""
         req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+        return req.num_computed_tokens + self.num_new_tokens == req.num_expected_tokens
 
 
 @dataclass
@@ -49,6 +54,10 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+def _reaches_max_tokens(req: Request) -> bool:
+    return len(req.output_token_ids) + req.num_pending_outputs >= req.params.max_tokens
 
 
 class Scheduler:
@@ -78,7 +87,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending_outputs and _reaches_max_tokens(req):
+                i += 1  # its last token is on the way: it finishes when that is processed
+                continue
+            n = min(req.num_expected_tokens - req.num_computed_tokens, budget)
             while not bm.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -94,16 +106,19 @@ class Scheduler:
             self._admit_waiting(out, budget)
         now = time.time()
         for s in out.scheduled:
-            if s.request.times.first_scheduled is None:
-                s.request.times.first_scheduled = now
-            if s.request.times.first_token is None:
-                s.request.num_prefill_chunks += 1
+            req = s.request
+            if req.times.first_scheduled is None:
+                req.times.first_scheduled = now
+            if req.times.first_token is None and req.num_computed_tokens < req.num_prompt_tokens:
+                req.num_prefill_chunks += 1
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending_outputs:
+                break  # preempted while its last token was in flight: admit once it lands
             hit = bm.match_prefix(req)
             req.num_computed_tokens = hit
             if req.num_cached_prompt_tokens < 0:

@@ -28,7 +28,7 @@ from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dt
 from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
 from pagedserve.backend.runner.cuda_graph import DecodeGraphs
 from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
-from pagedserve.backend.runner.sampler import Sampler, SamplingBatch
+from pagedserve.backend.runner.sampler import DeviceSample, Sampler, SamplingBatch, to_device
 from pagedserve.backend.runner.step_batch import StepBatch
 from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 
@@ -68,6 +68,37 @@ class StepResult:
     requests: list[Request]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose sampled ids may still be on their way to the host."""
+
+    requests: list[Request]  # those whose step samples, in the order of ``sample``'s rows
+    sample: DeviceSample | None  # None when the step samples nothing
+
+    def sample_row(self, request: Request) -> int:
+        return self._rows[id(request)]
+
+    def __post_init__(self) -> None:
+        self._rows = {id(r): i for i, r in enumerate(self.requests)}
+
+    def wait(self) -> StepResult:
+        """Block until this step's sampled ids are on the host."""
+        if self.sample is None:
+            return StepResult([], [], [])
+        out = self.sample.to_host()
+        return StepResult(self.requests, out.token_ids, out.logprobs)
+
+
+@dataclass
+class DeviceInputs:
+    """Input ids of a step that only the device knows yet: row ``rows[i]`` of the flat batch
+    takes token ``sample_rows[i]`` of the previous step's sampled ids."""
+
+    rows: np.ndarray  # [n] int64
+    sample_rows: np.ndarray  # [n] int64
+    sampled: torch.Tensor  # the previous step's sampled ids, on the device
 
 
 class ModelRunner:
@@ -220,10 +251,7 @@ class ModelRunner:
         return graphs
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
+        return to_device(torch.from_numpy(array), self.device)
 
     # -- per-request state -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -236,20 +264,38 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     # -- execution -------------------------------------------------------------------------
-    def build_batch(self, sched: SchedulerOutput) -> tuple[StepBatch, list[Request]]:
-        """The step's flat batch, and the requests whose last row is sampled (in row order)."""
+    @property
+    def can_overlap(self) -> bool:
+        """Whether a step may be launched before the previous one's ids reach the host: the
+        other tensor-parallel ranks get their input ids from the host, so not with them."""
+        return self.leader is None
+
+    def build_batch(
+        self, sched: SchedulerOutput, previous: LaunchedStep | None = None
+    ) -> tuple[StepBatch, list[Request], DeviceInputs | None]:
+        """The step's flat batch, the requests whose last row is sampled (in row order), and
+        the input ids that come from ``previous`` (still in flight) rather than the host."""
         ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         samplers: list[Request] = []
+        deferred_rows: list[int] = []
+        deferred_from: list[int] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
         tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
         for i, s in enumerate(sched.scheduled):
             req = s.request
             start = req.num_computed_tokens
             end = start + s.num_new_tokens
-            if s.num_new_tokens == 1:  # decode: a plain int, no per-request array
+            if end > req.num_tokens:  # its last input was sampled by the step still running
+                if previous is None or end != req.num_tokens + 1:
+                    raise RuntimeError(f"request {req.request_id}: input token {start} is unknown")
+                ids.extend(req.all_token_ids[start:end - 1])
+                deferred_rows.append(len(ids))
+                deferred_from.append(previous.sample_row(req))
+                ids.append(0)
+            elif s.num_new_tokens == 1:  # decode: a plain int, no per-request array
                 ids.append(req.token_at(start))
             else:
                 ids.extend(req.all_token_ids[start:end])
@@ -266,26 +312,44 @@ class ModelRunner:
             block_tables=tables,
             sample_rows=np.asarray(sample_rows, dtype=np.int64),
         )
-        return batch, samplers
+        deferred = None
+        if deferred_rows:
+            assert previous is not None and previous.sample is not None
+            deferred = DeviceInputs(
+                np.asarray(deferred_rows, dtype=np.int64),
+                np.asarray(deferred_from, dtype=np.int64),
+                previous.sample.token_ids,
+            )
+        return batch, samplers, deferred
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        batch, samplers = self.build_batch(sched)
+        return self.launch(sched).wait()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the step's forward and sampling on the device and start copying the sampled
+        ids back; returns without waiting for either. ``previous`` is the launched step whose
+        sampled ids some of this step's inputs are."""
+        batch, samplers, deferred = self.build_batch(sched, previous)
         with self._step_lock:
             if self.leader is None:
-                logits = self.run_batch(batch)
+                logits = self.run_batch(batch, deferred)
             else:
+                if deferred is not None:
+                    raise RuntimeError("tensor-parallel steps need every input id on the host")
                 logits = self._run_with_workers(batch)
             if logits is None:
-                return StepResult([], [], [])
+                return LaunchedStep([], None)
             sampling = SamplingBatch.from_requests(
                 samplers,
                 logits.shape[-1],
                 self.device,
                 [self.generators.get(r.request_id) for r in samplers],
             )
-            out = self.sampler(logits, sampling)
-        return StepResult(samplers, out.token_ids, out.logprobs)
+            sample = self.sampler.sample(logits, sampling)
+            sample.start_copy()
+        return LaunchedStep(samplers, sample)
 
     def _run_with_workers(self, batch: StepBatch) -> torch.Tensor | None:
         """Rank 0's half of a tensor-parallel step. Any failure once the batch is out leaves
@@ -308,9 +372,9 @@ class ModelRunner:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
     @torch.inference_mode()
-    def run_batch(self, batch: StepBatch) -> torch.Tensor | None:
+    def run_batch(self, batch: StepBatch, deferred: DeviceInputs | None = None) -> torch.Tensor | None:
         """The forward every rank runs for a step: fp32 logits of the sampled rows (None when
-        the step samples nothing)."""
+        the step samples nothing). ``deferred`` fills the input ids the host does not know."""
         positions = batch.positions()
         metadata = AttentionMetadata(
             slot_mapping=self._to_device(batch.slot_mapping(positions, self.block_size)),
@@ -323,6 +387,10 @@ class ModelRunner:
             seq_lens_cpu=batch.seq_lens.tolist(),
         )
         input_ids = self._to_device(batch.input_ids)
+        if deferred is not None:
+            rows = self._to_device(deferred.rows)
+            taken = deferred.sampled.index_select(0, self._to_device(deferred.sample_rows))
+            input_ids.index_copy_(0, rows, taken)
         positions_t = self._to_device(positions)
         if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
             hidden = self.decode_graphs.run(input_ids, positions_t, metadata)

@@ -15,6 +15,14 @@ import torch
 from pagedserve.backend.engine.request import Request, TokenLogprob
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to the device without waiting for the device's queued work
+    (a plain copy from pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors (built by ``from_requests``)."""
@@ -43,7 +51,7 @@ class SamplingBatch:
         n = len(requests)
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         all_greedy = all(p.temperature == 0.0 for p in params)
         top_k = top_p = min_p = None
@@ -98,11 +106,71 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
+@dataclass
+class DeviceSample:
+    """A step's sampled ids (and logprobs) still on the device.
+
+    ``start_copy`` queues their transfer to host memory right behind the sampling kernels and
+    returns at once, so the engine can queue the next step before it waits; ``to_host`` then
+    waits for that transfer alone, not for whatever was queued after it.
+    """
+
+    token_ids: torch.Tensor  # [N] int64
+    chosen_logprobs: torch.Tensor | None  # [N] fp32
+    top_logprobs: torch.Tensor | None  # [N, k]
+    top_ids: torch.Tensor | None  # [N, k]
+    logprobs_n: list[int | None]
+    _host: list[torch.Tensor | None] | None = None
+    _copied: torch.cuda.Event | None = None
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [self.token_ids, self.chosen_logprobs, self.top_logprobs, self.top_ids]
+
+    def start_copy(self) -> None:
+        if self.token_ids.device.type != "cuda":
+            return
+        self._host = [
+            None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for t in self._tensors()
+        ]
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def to_host(self) -> SamplerOutput:
+        if self._copied is not None and self._host is not None:
+            self._copied.synchronize()
+            host = self._host
+        else:
+            host = self._tensors()
+        ids_t, chosen_t, top_vals_t, top_ids_t = host
+        assert ids_t is not None
+        token_ids = ids_t.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        if chosen_t is not None:
+            chosen = chosen_t.tolist()
+            top_vals = top_vals_t.tolist() if top_vals_t is not None else None
+            top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+            for i, n in enumerate(self.logprobs_n):
+                if n is None:
+                    continue
+                top = (
+                    list(zip(top_ids[i][:n], top_vals[i][:n]))
+                    if top_ids is not None and top_vals is not None
+                    else []
+                )
+                logprobs[i] = TokenLogprob(token_ids[i], chosen[i], top)
+        return SamplerOutput(token_ids, logprobs)
+
+
 class Sampler:
     def __init__(self, default_generator: torch.Generator) -> None:
         self.default_generator = default_generator
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        return self.sample(logits, batch).to_host()
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+        """Sample every row on the logits' device, without any host synchronisation."""
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs >= 0 else None
         logits = self._apply_penalties(logits, batch)
@@ -112,24 +180,13 @@ class Sampler:
         else:
             sampled = self._sample(logits, batch)
 
-        token_ids = sampled.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        chosen = top_vals = top_ids = None
         if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1).tolist()
+            chosen = raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
             k = max(batch.max_logprobs, 0)
-            top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
-            top_vals_l = top_vals.tolist() if top_vals is not None else None
-            top_ids_l = top_ids.tolist() if top_ids is not None else None
-            for i, n in enumerate(batch.logprobs_n):
-                if n is None:
-                    continue
-                top = (
-                    list(zip(top_ids_l[i][:n], top_vals_l[i][:n]))
-                    if top_ids_l is not None and top_vals_l is not None
-                    else []
-                )
-                logprobs[i] = TokenLogprob(token_ids[i], chosen[i], top)
-        return SamplerOutput(token_ids, logprobs)
+            if k:
+                top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
+        return DeviceSample(sampled, chosen, top_vals, top_ids, batch.logprobs_n)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

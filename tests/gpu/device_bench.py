@@ -7,7 +7,8 @@
   Llama-3.2-1B (near-tie rule), and bf16 teacher-forced next-token argmax agreement;
 - bench-1b / bench-8b: ``bench offline`` on dummy Llama-3.2-1B / Llama-3-8B, 256 requests of 512
   prompt / 256 output tokens, ignore_eos, beside transformers' continuous batching, with the
-  roofline fraction.
+  roofline fraction; bench-1b-serial / bench-8b-serial: the same without overlapped scheduling
+  and without the peer (the ablation).
 
 ``--tokenizer`` is a directory of tokenizer files (the dummy models need one to build requests).
 Prints a short table per stage and writes ``results.json`` under ``--out``.
@@ -16,8 +17,10 @@ Prints a short table per stage and writes ``results.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
+import pstats
 import random
 import shutil
 import sys
@@ -203,7 +206,12 @@ def roofline_seconds(config: Any, ceilings: dict[str, float]) -> float:
     return decode + prefill
 
 
-def stage_bench(name: str, tokenizer: Path, work: Path, ceilings: dict[str, float]) -> dict[str, Any]:
+def stage_bench(
+    name: str, tokenizer: Path, work: Path, ceilings: dict[str, float], overlap: bool = True,
+    with_peer: bool = True,
+) -> dict[str, Any]:
+    """Throughput beside the peer; ``overlap=False, with_peer=False`` is the ablation that
+    shows what overlapped scheduling buys (same engine, host and device serialized)."""
     from pagedserve import LLM
     from pagedserve.backend.offline_cli import (
         PeerTarget,
@@ -216,22 +224,33 @@ def stage_bench(name: str, tokenizer: Path, work: Path, ceilings: dict[str, floa
     cfg_dir = model_dir_with_tokenizer(name, tokenizer, work)
     workload = Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT)
     llm = LLM(str(cfg_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096,
-              max_num_seqs=256, max_num_batched_tokens=8192)
+              max_num_seqs=256, max_num_batched_tokens=8192, overlap_scheduling=overlap)
     target = PeerTarget.of(llm)
-    ours = bench_pagedserve(llm, workload)
+    if with_peer:
+        ours = bench_pagedserve(llm, workload)
+    else:  # the ablation also shows where the host time goes (cProfile costs it a little)
+        profile = cProfile.Profile()
+        ours = profile.runcall(bench_pagedserve, llm, workload)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(18)
     del llm
     release()
-    peer = bench_transformers(target, workload, continuous=True)
-    release()
-    print_table(workload, [ours, peer], device=torch.cuda.get_device_name())
     bound = roofline_seconds(target.hf_config, ceilings)
     fraction = bound / ours.seconds
-    print(f"{name}: roofline {bound:.2f} s -> pagedserve at {100 * fraction:.1f}% of roofline")
-    return {
+    result = {
+        "overlap_scheduling": overlap,
         "pagedserve_tok_s": ours.output_tokens_per_s, "pagedserve_s": ours.seconds,
-        "peer": peer.system, "peer_tok_s": peer.output_tokens_per_s, "peer_s": peer.seconds,
         "roofline_s": bound, "roofline_fraction": fraction,
     }
+    systems = [ours]
+    if with_peer:
+        peer = bench_transformers(target, workload, continuous=True)
+        release()
+        systems.append(peer)
+        result.update(peer=peer.system, peer_tok_s=peer.output_tokens_per_s, peer_s=peer.seconds)
+    print_table(workload, systems, device=torch.cuda.get_device_name())
+    print(f"{name} (overlap {overlap}): roofline {bound:.2f} s -> pagedserve at "
+          f"{100 * fraction:.1f}% of roofline")
+    return result
 
 
 def main() -> int:
@@ -256,6 +275,10 @@ def main() -> int:
             del hf
             release()
         for stage, name in (("bench-1b", "llama-3.2-1b"), ("bench-8b", "llama-3-8b")):
+            if stage + "-serial" in stages:
+                results[stage + "-serial"] = stage_bench(
+                    name, args.tokenizer, work, ceilings, overlap=False, with_peer=False
+                )
             if stage in stages:
                 results[stage] = stage_bench(name, args.tokenizer, work, ceilings)
                 (args.out / "results.json").write_text(json.dumps(results, indent=2))
