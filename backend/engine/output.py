@@ -24,16 +24,26 @@ from pagedserve.backend.engine.request import (
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def _fast_decoder(tokenizer: Any) -> Any:
+    """The Rust tokenizer behind a fast transformers tokenizer when decoding through it gives
+    the same text: it runs twice per token of every request, and the Python wrapper costs
+    several times the decode itself. Otherwise the transformers tokenizer."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer
+    return backend
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
+        self._decoder = _fast_decoder(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decoder.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly empty)."""
