@@ -104,6 +104,141 @@ def _decode_batch(
     out[token_rows] = o.squeeze(2)
 
 
+# Key positions (summed over sequences) one batched prefill attention call gathers at most.
+_MAX_PREFILL_GROUP_KEYS = 8192
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    query_lens: list[int],
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """The torch path the CPU serves with: ``paged_attention_ref``'s result, fewer and larger calls.
+
+    Sequences are grouped by (query length, context length), so one SDPA call covers a whole
+    group on a single gather of its cache blocks; no mask is built when the group's queries all
+    see the same keys. Decode groups keep one KV head's query heads as the rows of one attention
+    (no expanded K/V copy); prefill groups repeat K/V per query head, which keeps SDPA on its
+    flash kernel (grouped-query SDPA on CPU falls back to the unfused math path).
+    """
+    if not query_lens:
+        return torch.empty_like(q)
+    num_heads = q.shape[1]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (n, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        if n > 0:
+            key = (1, 0) if n == 1 else (n, seq_len)  # decode contexts may differ: masked
+            groups.setdefault(key, []).append(i)
+    decodes = groups.pop((1, 0), [])
+    if len(decodes) == len(query_lens) and q.shape[0] == len(decodes):
+        # A pure decode batch with no padding: one group whose output is the whole result.
+        return _decode_group(q, kv_cache, block_tables, seq_lens, decodes, scale).reshape(q.shape)
+    # Prefill groups gather K/V repeated per query head: bound the keys one call holds.
+    batches = [(1, decodes)] if decodes else []
+    for (n, seq_len), seqs in groups.items():
+        per_call = max(1, _MAX_PREFILL_GROUP_KEYS // seq_len)
+        batches += [(n, seqs[j : j + per_call]) for j in range(0, len(seqs), per_call)]
+    out = torch.empty_like(q)
+    for n, seqs in batches:
+        rows = _group_rows(seqs, starts, n, q.device)
+        q_group = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
+        if n == 1:
+            o = _decode_group(q_group, kv_cache, block_tables, seq_lens, seqs, scale)
+            o = o.reshape(len(seqs), num_heads, -1)
+        else:
+            o = _prefill_group(q_group, kv_cache, block_tables, seq_lens[seqs[0]], seqs, n, scale)
+        if isinstance(rows, slice):
+            out[rows] = o
+        else:
+            out.index_copy_(0, rows, o)
+    return out
+
+
+def _group_rows(
+    seqs: list[int], starts: list[int], n: int, device: torch.device
+) -> slice | torch.Tensor:
+    """The flat token rows of a group's sequences: a slice when they lie back to back."""
+    first = starts[seqs[0]]
+    if all(starts[s] == first + j * n for j, s in enumerate(seqs)):
+        return slice(first, first + n * len(seqs))
+    return torch.tensor([r for s in seqs for r in range(starts[s], starts[s] + n)], device=device)
+
+
+def _gather_blocks(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, seqs: list[int], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first ``length`` positions of each sequence, each [seqs, length, kv_heads, d].
+
+    index_select of whole blocks along the leading dimension: one contiguous copy per block.
+    """
+    block_size = kv_cache.shape[2]
+    num_blocks = (length + block_size - 1) // block_size
+    rows = block_tables[seqs[0] : seqs[0] + 1] if len(seqs) == 1 else block_tables[seqs]
+    tables = rows[:, :num_blocks].flatten().long()
+    shape = (len(seqs), num_blocks * block_size, *kv_cache.shape[3:])
+    k = kv_cache[0].index_select(0, tables).view(shape)[:, :length]
+    v = kv_cache[1].index_select(0, tables).view(shape)[:, :length]
+    return k, v
+
+
+def _decode_group(
+    q: torch.Tensor,  # [seqs, num_heads, head_dim], one token per sequence
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    seqs: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """[seqs, kv_heads, group, head_dim]: each KV head's query heads attend as its rows."""
+    num_kv_heads, head_dim = kv_cache.shape[3:]
+    lens = [seq_lens[i] for i in seqs]
+    max_len = max(lens)
+    k, v = _gather_blocks(kv_cache, block_tables, seqs, max_len)
+    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [seqs, kv_heads, len, d]
+    qg = q.reshape(len(seqs), num_kv_heads, -1, head_dim)
+    mask = None
+    if min(lens) != max_len:
+        lens_t = torch.tensor(lens, device=q.device)
+        mask = (torch.arange(max_len, device=q.device) < lens_t[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+
+
+def _prefill_group(
+    q: torch.Tensor,  # [seqs * n, num_heads, head_dim], sequence-major
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_len: int,
+    seqs: list[int],
+    n: int,
+    scale: float,
+) -> torch.Tensor:
+    """[seqs * n, num_heads, head_dim] for sequences sharing query and context lengths."""
+    num_seqs = len(seqs)
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = kv_cache.shape[3]
+    k, v = _gather_blocks(kv_cache, block_tables, seqs, seq_len)
+    if num_kv_heads != num_heads:
+        shape = (num_seqs, seq_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        k = k.unsqueeze(3).expand(shape).reshape(num_seqs, seq_len, num_heads, head_dim)
+        v = v.unsqueeze(3).expand(shape).reshape(num_seqs, seq_len, num_heads, head_dim)
+    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [seqs, heads, len, d]
+    qs = q.reshape(num_seqs, n, num_heads, head_dim).transpose(1, 2)
+    ctx = seq_len - n
+    if ctx == 0:
+        o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
+    else:
+        rows = torch.arange(n, device=q.device)[:, None] + ctx
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2).reshape(num_seqs * n, num_heads, head_dim)
+
+
 # tl.dot needs at least 16 rows (and columns); decode programs pad their query heads up to it.
 _MIN_DOT_ROWS = 16
 

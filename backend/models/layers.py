@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
@@ -29,8 +30,61 @@ from pagedserve.kernels.triton_utils import use_triton
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
+
+
+class _OneDNNWeights:
+    """oneDNN-packed copies of CPU fp32 weights, made on a weight's first GEMM.
+
+    ``F.linear`` on CPU fp32 runs MKL's sgemm, which on non-Intel x86 takes a far slower code
+    path than oneDNN's own AVX-512 GEMM; a weight reordered once into oneDNN's blocked layout
+    also spares the per-call reorder. Same fp32 math, only the summation order differs. The
+    copy costs the weights' size again in host memory (the plain parameter stays: loaders,
+    the tied embedding and tensor-parallel slicing use it). Every weight loader drops the copy
+    of the parameter it writes, so a reload is never served stale; copies die with their
+    parameters.
+    """
+
+    # The GEMM row count the blocked layout is chosen for; any row count runs on it.
+    BATCH_HINT = 32
+
+    def __init__(self) -> None:
+        self._packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    @staticmethod
+    def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (
+            _HAS_ONEDNN_LINEAR
+            and x.device.type == "cpu"
+            and weight.device.type == "cpu"
+            and x.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and weight.dim() == 2
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        )
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        packed = self._packed.get(weight)
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_HINT)
+            self._packed[weight] = packed
+        return packed
+
+    def forget(self, weight: torch.Tensor) -> None:
+        self._packed.pop(weight, None)
+
+
+_onednn_weights = _OneDNNWeights()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias: the one GEMM call site of the model layers."""
+    """x @ weight.T + bias: the one GEMM call site of the model layers (oneDNN on CPU fp32)."""
+    if _OneDNNWeights.applies(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(
+            x, _onednn_weights.get(weight), bias, "none", [], ""
+        )
     return F.linear(x, weight, bias)
 
 
@@ -114,6 +168,7 @@ class _VocabParallel(nn.Module):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
+        _onednn_weights.forget(param)
         self.shard.load(param, loaded_weight)
 
     def full_shapes(self, param: nn.Parameter) -> FullShapes:
@@ -284,6 +339,7 @@ class ColumnParallelLinear(_ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
+        _onednn_weights.forget(param)
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
         size = param.shape[0]
@@ -318,6 +374,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
+        _onednn_weights.forget(param)
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.local_sizes):
             raise ValueError(f"shard id must be 0..{len(self.local_sizes) - 1}, got {shard_id!r}")
         size = self.local_sizes[shard_id]
@@ -372,6 +429,7 @@ class QKVParallelLinear(_ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
+        _onednn_weights.forget(param)
         kv_start = self.kv_head_start * self.head_dim
         kv_full = self.total_num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -427,6 +485,7 @@ class RowParallelLinear(_ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
+        _onednn_weights.forget(param)
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
         if param.dim() == 2:

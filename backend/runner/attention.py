@@ -3,8 +3,9 @@
 A step's batch is flat and variable-length: the tokens of every scheduled sequence are
 concatenated (prefill chunks and single decode tokens mixed), and ``AttentionMetadata`` says
 where each sequence starts, how long its whole context is and which cache blocks hold it.
-Two implementations sit behind ``AttentionBackend``: the plain-torch reference (the CPU path and
-the oracle for tests) and the Triton kernels (CUDA), chosen by device.
+Two implementations sit behind ``AttentionBackend``: plain torch (the CPU path, checked against
+the torch reference that is also the Triton kernels' oracle) and the Triton kernels (CUDA),
+chosen by device.
 
 KV cache layout, per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 is
 K, 1 is V). A token at position ``p`` of a sequence lives in slot
@@ -83,7 +84,9 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """Plain torch: the CPU path and the reference the Triton kernels are tested against."""
+    """Plain torch, the CPU path: ``paged_attention_cpu``, which batches sequences of equal
+    shape into single calls and is tested against ``paged_attention_ref``, the simple oracle
+    the Triton kernels are tested against too."""
 
     def forward(
         self,
@@ -95,7 +98,7 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         kv_cache_ops.write_kv_cache_ref(k, v, kv_cache, metadata.slot_mapping)
-        return paged_attention_ops.paged_attention_ref(
+        return paged_attention_ops.paged_attention_cpu(
             q,
             kv_cache,
             metadata.block_tables,
