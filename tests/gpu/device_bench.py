@@ -8,7 +8,8 @@
 - bench-1b / bench-8b: ``bench offline`` on dummy Llama-3.2-1B / Llama-3-8B, 256 requests of 512
   prompt / 256 output tokens, ignore_eos, beside transformers' continuous batching, with the
   roofline fraction; bench-1b-serial / bench-8b-serial: the same without overlapped scheduling
-  and without the peer (the ablation).
+  and without the peer (the ablation); profile-8b: 8B throughput at two token budgets and a
+  kernel-time profile.
 
 ``--tokenizer`` is a directory of tokenizer files (the dummy models need one to build requests).
 Prints a short table per stage and writes ``results.json`` under ``--out``.
@@ -36,6 +37,9 @@ sys.path.insert(0, str(ROOT))  # for tests.backend.engine.reference
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT = 256, 512, 256
+# Tokens per engine step: 16384 keeps prefill GEMMs large and needs half the mixed
+# prefill/decode steps of 8192 (the profile stage measures both).
+BENCH_TOKEN_BUDGET = 16384
 GIB = 1 << 30
 
 
@@ -224,7 +228,8 @@ def stage_bench(
     cfg_dir = model_dir_with_tokenizer(name, tokenizer, work)
     workload = Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT)
     llm = LLM(str(cfg_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096,
-              max_num_seqs=256, max_num_batched_tokens=8192, overlap_scheduling=overlap)
+              max_num_seqs=256, max_num_batched_tokens=BENCH_TOKEN_BUDGET,
+              overlap_scheduling=overlap)
     target = PeerTarget.of(llm)
     if with_peer:
         ours = bench_pagedserve(llm, workload)
@@ -253,6 +258,38 @@ def stage_bench(
     return result
 
 
+def stage_profile(name: str, tokenizer: Path, work: Path) -> dict[str, Any]:
+    """Where the device time goes: the bench workload at two token budgets, then a kernel
+    profile of a shorter run (all the prefill, 32 decode steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedserve import LLM
+    from pagedserve.backend.offline_cli import Workload, bench_pagedserve
+
+    cfg_dir = model_dir_with_tokenizer(name, tokenizer, work)
+    llm = LLM(str(cfg_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096,
+              max_num_seqs=256, max_num_batched_tokens=16384)
+    scheduler = llm.engine.scheduler.config
+    result: dict[str, Any] = {}
+    for budget in (8192, 16384):
+        scheduler.max_num_batched_tokens = budget
+        run = bench_pagedserve(llm, Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT, seed=budget))
+        result[f"tok_s_budget_{budget}"] = run.output_tokens_per_s
+        print(f"{name}: max_num_batched_tokens {budget}: {run.output_tokens_per_s:.0f} tok/s ({run.seconds:.2f} s)")
+    scheduler.max_num_batched_tokens = BENCH_TOKEN_BUDGET
+    short = Workload(BENCH_REQUESTS, BENCH_INPUT, 32, seed=7)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run = bench_pagedserve(llm, short)
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"profile ({short.output_len} output tokens): wall {run.seconds:.2f} s, kernels {busy:.2f} s")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
+    result.update(profile_wall_s=run.seconds, profile_kernel_s=busy)
+    del llm
+    release()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, required=True)
@@ -274,6 +311,8 @@ def main() -> int:
                 results["parity_bf16"] = stage_parity_bf16(hf, weights)
             del hf
             release()
+        if "profile-8b" in stages:
+            results["profile-8b"] = stage_profile("llama-3-8b", args.tokenizer, work)
         for stage, name in (("bench-1b", "llama-3.2-1b"), ("bench-8b", "llama-3-8b")):
             if stage + "-serial" in stages:
                 results[stage + "-serial"] = stage_bench(
