@@ -8,8 +8,8 @@
 - bench-1b / bench-8b: ``bench offline`` on dummy Llama-3.2-1B / Llama-3-8B, 256 requests of 512
   prompt / 256 output tokens, ignore_eos, beside transformers' continuous batching, with the
   roofline fraction; bench-1b-serial / bench-8b-serial: the same without overlapped scheduling
-  and without the peer (the ablation); profile-8b: 8B throughput at two token budgets and a
-  kernel-time profile.
+  and without the peer (the ablation); profile-1b / profile-8b: throughput at two token budgets
+  and a kernel-time profile.
 
 ``--tokenizer`` is a directory of tokenizer files (the dummy models need one to build requests).
 Prints a short table per stage and writes ``results.json`` under ``--out``.
@@ -311,8 +311,9 @@ def main() -> int:
                 results["parity_bf16"] = stage_parity_bf16(hf, weights)
             del hf
             release()
-        if "profile-8b" in stages:
-            results["profile-8b"] = stage_profile("llama-3-8b", args.tokenizer, work)
+        for stage, name in (("profile-1b", "llama-3.2-1b"), ("profile-8b", "llama-3-8b")):
+            if stage in stages:
+                results[stage] = stage_profile(name, args.tokenizer, work)
         for stage, name in (("bench-1b", "llama-3.2-1b"), ("bench-8b", "llama-3-8b")):
             if stage + "-serial" in stages:
                 results[stage + "-serial"] = stage_bench(
