@@ -9,6 +9,7 @@ runs while the device computes instead of between device steps.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -82,9 +83,23 @@ class _InFlight:
     info: StepInfo
 
 
+# Allocations between young-generation collections, and how many of those per older one.
+# Each step allocates thousands of short-lived objects per hundred requests; at the default
+# (700, 10, 10) the collector runs full passes over the model's and tokenizer's millions of
+# objects every few steps, which measured as half the host time of a 256-request decode step.
+GC_THRESHOLDS = (50_000, 10, 1_000)
+
+
+def relax_gc() -> None:
+    """Raise the cyclic collector's thresholds (never lower them) for this process."""
+    current = gc.get_threshold()
+    gc.set_threshold(*(max(c, t) for c, t in zip(current, GC_THRESHOLDS)))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        relax_gc()
         self.runner = ModelRunner(config)
         loaded = self.runner.loaded
         self.tokenizer: Any = loaded.tokenizer

@@ -286,21 +286,24 @@ class ModelRunner:
         tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
         for i, s in enumerate(sched.scheduled):
             req = s.request
+            n = s.num_new_tokens
             start = req.num_computed_tokens
-            end = start + s.num_new_tokens
-            if end > req.num_tokens:  # its last input was sampled by the step still running
-                if previous is None or end != req.num_tokens + 1:
+            end = start + n
+            known = req.num_tokens
+            if end > known:  # its last input was sampled by the step still running
+                if previous is None or end != known + 1:
                     raise RuntimeError(f"request {req.request_id}: input token {start} is unknown")
-                ids.extend(req.all_token_ids[start:end - 1])
+                if n > 1:
+                    ids.extend(req.token_slice(start, known))
                 deferred_rows.append(len(ids))
                 deferred_from.append(previous.sample_row(req))
                 ids.append(0)
-            elif s.num_new_tokens == 1:  # decode: a plain int, no per-request array
+            elif n == 1:  # decode: a plain int, no per-request array
                 ids.append(req.token_at(start))
             else:
-                ids.extend(req.all_token_ids[start:end])
+                ids.extend(req.token_slice(start, end))
             tables[i, : len(req.block_ids)] = req.block_ids
-            query_lens.append(s.num_new_tokens)
+            query_lens.append(n)
             seq_lens.append(end)
             if s.samples:
                 sample_rows.append(len(ids) - 1)

@@ -18,10 +18,8 @@ Prints a short table per stage and writes ``results.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
 import json
-import pstats
 import random
 import shutil
 import sys
@@ -231,12 +229,7 @@ def stage_bench(
               max_num_seqs=256, max_num_batched_tokens=BENCH_TOKEN_BUDGET,
               overlap_scheduling=overlap)
     target = PeerTarget.of(llm)
-    if with_peer:
-        ours = bench_pagedserve(llm, workload)
-    else:  # the ablation also shows where the host time goes (cProfile costs it a little)
-        profile = cProfile.Profile()
-        ours = profile.runcall(bench_pagedserve, llm, workload)
-        pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+    ours = bench_pagedserve(llm, workload)
     del llm
     release()
     bound = roofline_seconds(target.hf_config, ceilings)
