@@ -56,6 +56,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cuda-graphs", dest="enable_cuda_graphs", action="store_false", default=True
     )
+    parser.add_argument(
+        "--overlap-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="queue each step before the previous one's tokens reach the host "
+        "(default: on with CUDA and no tensor parallelism)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -70,6 +75,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                 continue  # default_factory fields (cache_dir): keep the dataclass default
             kwargs[f.name] = value
     kwargs["enable_cuda_graphs"] = args.enable_cuda_graphs
+    kwargs["overlap_scheduling"] = args.overlap_scheduling
     return EngineConfig.from_kwargs(**kwargs)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.backend.cli import build_parser, engine_config_from_args
 from pagedserve.backend.engine.request import RequestOutput
 from pagedserve.backend.runner.model_runner import ModelRunner
 
@@ -153,3 +154,18 @@ def test_abort_while_in_flight_leaves_the_rest_unchanged(engines) -> None:
     victim_plain, victim_overlap = results[False].pop("2"), results[True].pop("2")
     assert results[True] == results[False]
     assert 0 < len(victim_overlap) < 24 and 0 < len(victim_plain) < 24
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], None), (["--overlap-scheduling"], True), (["--no-overlap-scheduling"], False)],
+)
+def test_command_line_flag_reaches_the_config(flags: list[str], expected: bool | None) -> None:
+    args = build_parser().parse_args(["bench", "offline", *flags])
+    assert engine_config_from_args(args).overlap_scheduling is expected
+
+
+def test_default_is_off_on_the_cpu(engines) -> None:
+    default = LLM(str(engines[True].engine.config.model.model), device="cpu", num_blocks=8)
+    assert default.engine.overlap is False
+    assert engines[True].engine.overlap is True
