@@ -326,10 +326,6 @@ class ModelRunner:
         return batch, samplers, deferred
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        return self.launch(sched).wait()
-
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue the step's forward and sampling on the device and start copying the sampled
         ids back; returns without waiting for either. ``previous`` is the launched step whose

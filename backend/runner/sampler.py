@@ -166,9 +166,6 @@ class Sampler:
     def __init__(self, default_generator: torch.Generator) -> None:
         self.default_generator = default_generator
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        return self.sample(logits, batch).to_host()
-
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
         """Sample every row on the logits' device, without any host synchronisation."""
         logits = logits.float()

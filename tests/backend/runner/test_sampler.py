@@ -21,7 +21,7 @@ def run(requests: list[Request], logits: torch.Tensor, seed: int = 0, gens=None)
     g = torch.Generator().manual_seed(seed)
     gens = gens if gens is not None else [None] * len(requests)
     batch = SamplingBatch.from_requests(requests, VOCAB, torch.device("cpu"), gens)
-    return Sampler(g)(logits.clone(), batch)
+    return Sampler(g).sample(logits.clone(), batch).to_host()
 
 
 def test_greedy_is_argmax() -> None:
