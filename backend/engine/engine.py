@@ -102,7 +102,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
-        if self.runner.device.type == "cuda":
+        on_cuda = self.runner.device.type == "cuda"
+        if on_cuda:
             relax_gc()
         loaded = self.runner.loaded
         self.tokenizer: Any = loaded.tokenizer
@@ -120,7 +121,7 @@ class LLMEngine:
         self._num_reading_history = 0  # live requests whose params read earlier tokens
         overlap = config.overlap_scheduling
         if overlap is None:  # on the CPU the host and the "device" are the same cores
-            overlap = self.runner.device.type == "cuda"
+            overlap = on_cuda
         self.overlap = overlap and self.runner.can_overlap
         self.model_info = ModelInfo(
             name=config.model.served_model_name or loaded.name,
@@ -291,12 +292,8 @@ class LLMEngine:
         except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
             raise
         except Exception as exc:  # a failed forward fails this step's requests, not the engine
-            logger.exception("model step failed")
             self.last_step = info
-            return None, [
-                self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
-                for s in sched.scheduled
-            ]
+            return None, self._fail_step(sched, exc)
         computed_after = []
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
@@ -304,6 +301,15 @@ class LLMEngine:
         for req in launched.requests:
             req.num_pending_outputs += 1
         return _InFlight(sched, launched, computed_after, info), []
+
+    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutputDelta]:
+        """Finish the step's still-live requests with an error; the engine goes on."""
+        logger.exception("model step failed")
+        return [
+            self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
+            for s in sched.scheduled
+            if not s.request.is_finished
+        ]
 
     def _process(self, step: _InFlight) -> list[RequestOutputDelta]:
         """Wait for a launched step's ids, then record them: prefix-cache registration, text,
@@ -317,14 +323,9 @@ class LLMEngine:
         try:
             result = step.launched.wait()
         except Exception as exc:
-            logger.exception("model step failed")
             for req in step.launched.requests:
                 req.num_pending_outputs -= 1
-            return [
-                self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
-                for s in step.sched.scheduled
-                if not s.request.is_finished
-            ]
+            return self._fail_step(step.sched, exc)
         deltas: list[RequestOutputDelta] = []
         now = time.time()
         for req, token_id, logprob in zip(result.requests, result.token_ids, result.logprobs):
