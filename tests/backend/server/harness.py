@@ -62,6 +62,9 @@ def all_blocks_free(client: GenerationClient) -> bool:
     )
 
 
+_HOLD_LIMIT_S = 30.0
+
+
 class SlowSteps:
     """Makes every engine step take at least ``delay_s`` while enabled, so a request is
     reliably still running when a test cancels it or lets its deadline pass. Records the
@@ -71,14 +74,28 @@ class SlowSteps:
         self.enabled = threading.Event()
         self.steps: list[Any] = []
         self._delay_s = delay_s
+        self._released = threading.Event()
+        self._released.set()
         engine = server.state.engine
         assert engine is not None
         engine.add_step_listener(self._on_step)
 
     def _on_step(self, info: Any) -> None:
+        # Bounded, so a failing test cannot leave the engine thread stuck.
+        self._released.wait(_HOLD_LIMIT_S)
         if self.enabled.is_set():
             self.steps.append(info)
             time.sleep(self._delay_s)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """The engine stops after its current step until the block exits, so whatever the
+        test does meanwhile cannot race with running requests finishing."""
+        self._released.clear()
+        try:
+            yield
+        finally:
+            self._released.set()
 
     def steps_running(self, request_id: str, after: float) -> int:
         """How many recorded steps that started after ``after`` (time.time()) ran the request."""

@@ -137,12 +137,15 @@ def test_stop_drains_in_flight_requests(tiny_llama_dir: Path) -> None:
             stream = iter(call)
             first = next(stream)
             stopper = threading.Thread(target=server.stop)
-            stopper.start()
-            wait_for(lambda: server.state.draining, 5, "the drain to start")
-            # New work is refused while the in-flight request runs to its end.
-            with pytest.raises(grpc.RpcError) as info:
-                client.complete("New", max_tokens=2)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            # Held, the first request cannot finish (and so the server cannot close) before
+            # the new one has its answer.
+            with slow.held():
+                stopper.start()
+                wait_for(lambda: server.state.draining, 5, "the drain to start")
+                # New work is refused while the in-flight request runs to its end.
+                with pytest.raises(grpc.RpcError) as info:
+                    client.complete("New", max_tokens=2)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             rest = list(stream)
             stopper.join(30)
         tokens = len(first.token_ids) + sum(len(r.token_ids) for r in rest)
