@@ -26,9 +26,15 @@ from pagedserve.backend.engine.scheduler import SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
 from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
+from pagedserve.backend.runner.block_table import PersistentBlockTables
 from pagedserve.backend.runner.cuda_graph import DecodeGraphs
 from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
-from pagedserve.backend.runner.sampler import DeviceSample, Sampler, SamplingBatch, to_device
+from pagedserve.backend.runner.sampler import (
+    DeviceSample,
+    Sampler,
+    SamplingBatch,
+    arrays_to_device,
+)
 from pagedserve.backend.runner.step_batch import StepBatch
 from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 
@@ -164,6 +170,9 @@ class ModelRunner:
         if group is not None:  # every rank must hold the same block count
             self.num_blocks = group.all_reduce_min(self.num_blocks)
         self.kv_caches = self._allocate_kv_caches(self.num_blocks)
+        self.block_tables = PersistentBlockTables(
+            config.scheduler.max_num_seqs, -(-self.max_model_len // self.block_size)
+        )
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             self.decode_graphs = self._capture_decode_graphs()
@@ -250,9 +259,6 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return to_device(torch.from_numpy(array), self.device)
-
     # -- per-request state -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.params.seed is not None:
@@ -262,6 +268,7 @@ class ModelRunner:
 
     def remove_request(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.block_tables.release(request_id)
 
     # -- execution -------------------------------------------------------------------------
     @property
@@ -282,9 +289,10 @@ class ModelRunner:
         samplers: list[Request] = []
         deferred_rows: list[int] = []
         deferred_from: list[int] = []
-        max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
-        tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
-        for i, s in enumerate(sched.scheduled):
+        table_rows: list[int] = []
+        max_blocks = 0
+        row_of = self.block_tables.row_of
+        for s in sched.scheduled:
             req = s.request
             n = s.num_new_tokens
             start = req.num_computed_tokens
@@ -302,7 +310,9 @@ class ModelRunner:
                 ids.append(req.token_at(start))
             else:
                 ids.extend(req.token_slice(start, end))
-            tables[i, : len(req.block_ids)] = req.block_ids
+            table_rows.append(row_of(req))
+            if len(req.block_ids) > max_blocks:
+                max_blocks = len(req.block_ids)
             query_lens.append(n)
             seq_lens.append(end)
             if s.samples:
@@ -312,7 +322,7 @@ class ModelRunner:
             input_ids=np.asarray(ids, dtype=np.int64),
             query_lens=np.asarray(query_lens, dtype=np.int32),
             seq_lens=np.asarray(seq_lens, dtype=np.int32),
-            block_tables=tables,
+            block_tables=self.block_tables.gather(table_rows, max_blocks),
             sample_rows=np.asarray(sample_rows, dtype=np.int64),
         )
         deferred = None
@@ -375,26 +385,32 @@ class ModelRunner:
         """The forward every rank runs for a step: fp32 logits of the sampled rows (None when
         the step samples nothing). ``deferred`` fills the input ids the host does not know."""
         positions = batch.positions()
+        host = [
+            batch.slot_mapping(positions, self.block_size), batch.query_start_loc(),
+            batch.seq_lens, batch.block_tables, batch.input_ids, positions, batch.sample_rows,
+        ]
+        if deferred is not None:
+            host += [deferred.rows, deferred.sample_rows]
+        slots, starts, seq_lens, tables, input_ids, positions_t, sample_rows, *deferred_t = (
+            arrays_to_device(host, self.device)
+        )
         metadata = AttentionMetadata(
-            slot_mapping=self._to_device(batch.slot_mapping(positions, self.block_size)),
-            query_start_loc=self._to_device(batch.query_start_loc()),
-            seq_lens=self._to_device(batch.seq_lens),
-            block_tables=self._to_device(batch.block_tables),
+            slot_mapping=slots,
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            block_tables=tables,
             max_query_len=int(batch.query_lens.max()),
             max_seq_len=int(batch.seq_lens.max()),
             query_lens_cpu=batch.query_lens.tolist(),
             seq_lens_cpu=batch.seq_lens.tolist(),
         )
-        input_ids = self._to_device(batch.input_ids)
         if deferred is not None:
-            rows = self._to_device(deferred.rows)
-            taken = deferred.sampled.index_select(0, self._to_device(deferred.sample_rows))
-            input_ids.index_copy_(0, rows, taken)
-        positions_t = self._to_device(positions)
+            rows, taken_rows = deferred_t
+            input_ids.index_copy_(0, rows, deferred.sampled.index_select(0, taken_rows))
         if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
             hidden = self.decode_graphs.run(input_ids, positions_t, metadata)
         else:
             hidden = self.model(input_ids, positions_t, self.kv_caches, metadata)
         if len(batch.sample_rows) == 0:
             return None
-        return self.model.compute_logits(hidden[self._to_device(batch.sample_rows)])
+        return self.model.compute_logits(hidden[sample_rows])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedserve.backend.engine.request import Request, TokenLogprob
@@ -23,11 +24,30 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Several small integer arrays on the device through one pinned buffer and one copy (each
+    transfer costs the host tens of microseconds, a step has about ten of them); each comes
+    back with its own shape and dtype. On the CPU they are the arrays themselves, uncopied."""
+    if device.type != "cuda":
+        return [torch.from_numpy(a) for a in arrays]
+    packed = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]).astype(np.int64, copy=False))
+    flat = to_device(packed, device)
+    out, start = [], 0
+    for a in arrays:
+        part = flat[start : start + a.size].view(a.shape)
+        out.append(part if a.dtype == np.int64 else part.to(_TORCH_INT[a.dtype]))
+        start += a.size
+    return out
+
+
+_TORCH_INT = {np.dtype(np.int32): torch.int32, np.dtype(np.int16): torch.int16}
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors (built by ``from_requests``)."""
 
-    temperature: torch.Tensor  # [N] fp32, 0 = greedy
+    temperature: torch.Tensor | None  # [N] fp32, 0 = greedy; None when every row is greedy
     top_k: torch.Tensor | None  # [N] int64, vocab size where off
     top_p: torch.Tensor | None  # [N] fp32
     min_p: torch.Tensor | None  # [N] fp32
@@ -54,8 +74,9 @@ class SamplingBatch:
             return to_device(torch.tensor(values, dtype=dtype), device)
 
         all_greedy = all(p.temperature == 0.0 for p in params)
-        top_k = top_p = min_p = None
+        temperature = top_k = top_p = min_p = None
         if not all_greedy:
+            temperature = column([p.temperature for p in params])
             if any(p.top_k > 0 for p in params):
                 top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
             if any(p.top_p < 1.0 for p in params):
@@ -91,7 +112,7 @@ class SamplingBatch:
         logprobs_n = [p.logprobs for p in params]
         wanted = [x for x in logprobs_n if x is not None]
         return cls(
-            temperature=column([p.temperature for p in params]),
+            temperature=temperature,
             top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
             seen_tokens=seen, output_counts=counts, banned=banned, generators=generators,
@@ -201,6 +222,7 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        assert batch.temperature is not None  # built whenever a row is not greedy
         greedy_rows = batch.temperature == 0.0
         greedy_tokens = logits.argmax(dim=-1)
         temperature = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
