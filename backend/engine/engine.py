@@ -275,13 +275,17 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None, []
-        decode_tokens = sum(  # a token at a position past the prompt is a decode
-            1 for s in sched.scheduled if s.request.num_computed_tokens >= s.request.num_prompt_tokens
-        )
+        request_ids = []
+        decode_tokens = 0  # a token at a position past the prompt is a decode
+        for s in sched.scheduled:
+            req = s.request
+            request_ids.append(req.request_id)
+            if req.num_computed_tokens >= req.num_prompt_tokens:
+                decode_tokens += 1
         info = StepInfo(
             start=start,
             end=start,
-            request_ids=[s.request.request_id for s in sched.scheduled],
+            request_ids=request_ids,
             num_prefill_tokens=sched.num_batched_tokens - decode_tokens,
             num_decode_tokens=decode_tokens,
             num_preempted=len(sched.preempted),
@@ -343,9 +347,13 @@ class LLMEngine:
             if delta.finished:
                 self._release(req, delta)
             deltas.append(delta)
+        bs = self.block_manager.block_size
         for s, computed in zip(step.sched.scheduled, step.computed_after):
             req = s.request
-            if req.status is RequestStatus.RUNNING:  # not finished, not preempted since
+            # Only a step that filled a block has one to register (checked here: this runs
+            # for every request every step).
+            filled_a_block = computed // bs > (computed - s.num_new_tokens) // bs
+            if filled_a_block and req.status is RequestStatus.RUNNING:  # not finished or preempted
                 self.block_manager.cache_full_blocks(req, computed)
         step.info.end = time.time()
         return deltas

@@ -107,10 +107,12 @@ class Scheduler:
         now = time.time()
         for s in out.scheduled:
             req = s.request
-            if req.times.first_scheduled is None:
-                req.times.first_scheduled = now
-            if req.times.first_token is None and req.num_computed_tokens < req.num_prompt_tokens:
-                req.num_prefill_chunks += 1
+            times = req.times
+            if times.first_token is None:  # decoding requests were scheduled before
+                if times.first_scheduled is None:
+                    times.first_scheduled = now
+                if req.num_computed_tokens < req.num_prompt_tokens:
+                    req.num_prefill_chunks += 1
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
