@@ -13,7 +13,9 @@
   prompt / 256 output tokens, ignore_eos, beside transformers' continuous batching, with the
   roofline fraction; bench-1b-serial / bench-8b-serial: the same without overlapped scheduling
   and without the peer (the ablation); profile-1b / profile-8b: throughput at two token budgets
-  and a kernel-time profile.
+  and a kernel-time profile; profile-decode-1b / profile-decode-8b: the bench workload's steady
+  decode steps alone, wall time per step beside kernel time per step and the host's Python
+  profile (what bounds a decode step: the device or the host).
 
 ``--tokenizer`` is a directory of tokenizer files (the dummy models need one to build requests).
 Prints a short table per stage and writes ``results.json`` under ``--out``.
@@ -310,6 +312,63 @@ def stage_profile(name: str, tokenizer: Path, work: Path) -> dict[str, Any]:
     return result
 
 
+def stage_profile_decode(name: str, tokenizer: Path, work: Path) -> dict[str, Any]:
+    """Steady decode of the bench workload: 256 requests past their prefill, stepped one
+    engine step at a time, (1) plain, (2) under the CUDA profiler, (3) under cProfile."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.backend.offline_cli import Workload, _special_ids
+
+    cfg_dir = model_dir_with_tokenizer(name, tokenizer, work)
+    llm = LLM(str(cfg_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096,
+              max_num_seqs=256, max_num_batched_tokens=BENCH_TOKEN_BUDGET)
+    engine = llm.engine
+    prompts = Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT).prompts(
+        engine.vocab_size, _special_ids(engine.tokenizer))
+    params = SamplingParams(max_tokens=BENCH_OUTPUT, temperature=0.0, ignore_eos=True,
+                            detokenize=False)
+    requests = [engine.make_request(prompt_token_ids=p, params=params) for p in prompts]
+    for request in requests:
+        engine.add_request(request)
+    while any(not r.output_token_ids for r in requests):  # every prefill done
+        engine.step()
+
+    def steps(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n
+
+    plain = steps(48)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        profiled = steps(32)
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / 32
+    host = cProfile.Profile()
+    host.enable()
+    python = steps(32)
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(18)
+    while engine.has_unfinished():
+        engine.step()
+    result = {"decode_step_wall_ms": plain * 1e3, "decode_step_kernel_ms": kernels * 1e3,
+              "decode_step_wall_profiled_ms": profiled * 1e3,
+              "decode_step_wall_cprofile_ms": python * 1e3}
+    print(f"{name} steady decode at batch {BENCH_REQUESTS}: wall {plain * 1e3:.2f} ms/step, "
+          f"kernels {kernels * 1e3:.2f} ms/step (under the profiler {profiled * 1e3:.2f} ms/step)")
+    print(text.getvalue())
+    del llm, engine, requests
+    release()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, required=True)
@@ -341,6 +400,9 @@ def main() -> int:
         for stage, name in (("profile-1b", "llama-3.2-1b"), ("profile-8b", "llama-3-8b")):
             if stage in stages:
                 results[stage] = stage_profile(name, args.tokenizer, work)
+        for stage, name in (("profile-decode-1b", "llama-3.2-1b"), ("profile-decode-8b", "llama-3-8b")):
+            if stage in stages:
+                results[stage] = stage_profile_decode(name, args.tokenizer, work)
         for stage, name in (("bench-1b", "llama-3.2-1b"), ("bench-8b", "llama-3-8b")):
             if stage + "-serial" in stages:
                 results[stage + "-serial"] = stage_bench(
