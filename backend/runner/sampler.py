@@ -8,6 +8,7 @@ which needs no cumulative sum and no host round trip.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,12 +36,14 @@ def arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[tor
     out, start = [], 0
     for a in arrays:
         part = flat[start : start + a.size].view(a.shape)
-        out.append(part if a.dtype == np.int64 else part.to(_TORCH_INT[a.dtype]))
+        out.append(part if a.dtype == np.int64 else part.to(_torch_dtype(a.dtype)))
         start += a.size
     return out
 
 
-_TORCH_INT = {np.dtype(np.int32): torch.int32, np.dtype(np.int16): torch.int16}
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 @dataclass
