@@ -23,7 +23,7 @@ import torch
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
-from pagedserve.backend.errors import EngineDeadError
+from pagedserve.backend.errors import EngineDeadError, ModelLoadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
 from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
 from pagedserve.backend.runner.block_table import PersistentBlockTables
@@ -211,11 +211,28 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
 
     def _num_kv_blocks(self) -> int:
+        """Blocks that fit the memory budget; an error when they cannot hold one sequence of
+        max_model_len (every request would be refused, or the engine would thrash)."""
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type != "cuda":
-            return max(1, int(cache.cpu_kv_cache_gib * GIB // self.kv_block_bytes()))
+            blocks = int(cache.cpu_kv_cache_gib * GIB // self.kv_block_bytes())
+            budget = f"cpu_kv_cache_gib={cache.cpu_kv_cache_gib}"
+        else:
+            blocks = self._gpu_kv_blocks()
+            budget = f"gpu_memory_utilization={cache.gpu_memory_utilization}"
+        needed = -(-self.max_model_len // self.block_size)
+        if blocks < needed:
+            raise ModelLoadError(
+                f"the KV cache budget ({budget}) holds {max(blocks, 0)} blocks of "
+                f"{self.block_size} tokens, fewer than one sequence of max_model_len="
+                f"{self.max_model_len} needs ({needed}): raise the budget or lower max_model_len"
+            )
+        return blocks
+
+    def _gpu_kv_blocks(self) -> int:
+        cache = self.config.cache
         # What a full-budget step needs beyond the weights: measured, not guessed.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -225,7 +242,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = free - (1 - cache.gpu_memory_utilization) * total - activation_peak
-        return max(1, int(budget // self.kv_block_bytes()))
+        return int(budget // self.kv_block_bytes())
 
     @torch.inference_mode()
     def _profile_step(self) -> None:

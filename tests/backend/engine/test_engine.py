@@ -134,3 +134,14 @@ def test_logprobs_and_usage(llm) -> None:
         assert lp.logprob <= 0.0 and len(lp.top) == 2
     assert out.usage.prompt_tokens == len(llm.tokenizer.encode("Count: one two"))
     assert out.usage.completion_tokens == 5 == len(out.token_ids)
+
+
+def test_a_kv_budget_below_one_full_sequence_fails_at_start(tiny_llama_dir) -> None:
+    # The tiny model's block (2 layers x 2 KV heads x 16 dims x 16 tokens x K and V, fp32) is
+    # 8 KiB: 64 KiB hold 8 blocks = 128 tokens, short of max_model_len=1024.
+    with pytest.raises(ModelLoadError, match=r"cpu_kv_cache_gib=.*holds 8 blocks.*max_model_len=1024"):
+        LLM(str(tiny_llama_dir), device="cpu", block_size=16, cpu_kv_cache_gib=64 / (1 << 20),
+            max_model_len=1024)
+    # 512 KiB = 64 blocks = 1024 tokens, exactly one full sequence: it starts.
+    LLM(str(tiny_llama_dir), device="cpu", block_size=16, cpu_kv_cache_gib=512 / (1 << 20),
+        max_model_len=1024).shutdown()
