@@ -7,7 +7,7 @@ same names as keyword arguments. Nothing in the hot path hard-codes a value that
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +100,16 @@ class EngineConfig:
     # Queue step N+1 on the device before step N's ids reach the host (see engine.py). None:
     # on for CUDA without tensor parallelism, off on the CPU where nothing would overlap.
     overlap_scheduling: bool | None = None
+
+    def sharing_device(self, index: int, count: int) -> "EngineConfig":
+        """This config for the ``index``-th of ``count`` engines loaded one after another in one
+        process on one GPU (the in-process benchmarks). ``gpu_memory_utilization`` caps what the
+        GPU holds once an engine has loaded, earlier engines included, so engine ``index`` may
+        fill up to ``(index + 1) / count`` of the cap: each gets an equal share."""
+        if not 0 <= index < count:
+            raise ValueError(f"engine {index} of {count}")
+        cache = replace(self.cache, gpu_memory_utilization=self.cache.gpu_memory_utilization * (index + 1) / count)
+        return replace(self, cache=cache)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

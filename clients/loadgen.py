@@ -318,11 +318,12 @@ def _in_process_report(
     from pagedserve.backend.server.server import BackgroundServer
 
     engine_config = engine_config_from_args(args)
-    llm = LLM.from_config(engine_config) if args.compare_offline else None
+    engines = 2 if args.compare_offline else 1
+    llm = LLM.from_config(engine_config.sharing_device(0, 2)) if args.compare_offline else None
     reports: list[BenchReport] = []
     offline: list[float] = []
     config = ServerConfig(host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0))
-    with BackgroundServer(config, engine_config) as server:
+    with BackgroundServer(config, engine_config.sharing_device(engines - 1, engines)) as server:
         server.wait_ready()
         for round_index in range(args.repeat):
             # Fresh prompts each round: no prefix-cache help from the round before.

@@ -62,14 +62,13 @@ def compare_tracing(
                         metrics_port=0, otlp_traces_endpoint=endpoint if traced else None
                     ),
                 ),
-                engine_config,
+                engine_config.sharing_device(index, 2),
             )
-            for traced in (False, True)
+            for index, traced in enumerate((False, True))
         }
-        for server in servers.values():
-            server.start()
         try:
-            for server in servers.values():
+            for server in servers.values():  # one after another: each sizes its KV cache
+                server.start()
                 server.wait_ready()
             assert servers[True].state.telemetry.tracing
             assert not servers[False].state.telemetry.tracing
