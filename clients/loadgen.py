@@ -319,7 +319,7 @@ def _in_process_report(
 
     engine_config = engine_config_from_args(args)
     engines = 2 if args.compare_offline else 1
-    llm = LLM.from_config(engine_config.sharing_device(0, 2)) if args.compare_offline else None
+    llm = LLM.from_config(engine_config.sharing_device(0, engines)) if args.compare_offline else None
     reports: list[BenchReport] = []
     offline: list[float] = []
     config = ServerConfig(host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0))
