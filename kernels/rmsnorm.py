@@ -92,6 +92,8 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=num_warps,
+            # Squares rounded before they are summed, as torch's pow-then-mean does (no FMA).
+            enable_fp_fusion=False,
         )
     return out.view(x.shape), summed.view(x.shape) if summed is not None else None
 

@@ -80,8 +80,10 @@ def test_bf16_elementwise_kernels() -> None:
     assert torch.equal(summed, ref_summed)
     torch.testing.assert_close(out, ref_out, **tol)
 
+    # SiLU-mul and rotary round where the torch ops round, so they match them bit for bit
+    # (transformers' bf16 model runs those torch ops).
     gate_up = torch.randn(64, 2 * 7168, device=CUDA, generator=gen, dtype=torch.bfloat16) * 4
-    torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), rtol=1.6e-2, atol=1e-2)
+    assert torch.equal(silu_and_mul(gate_up), silu_and_mul_ref(gate_up))
 
     q = torch.randn(64, HEADS, HEAD_DIM, device=CUDA, generator=gen, dtype=torch.bfloat16)
     k = torch.randn(64, KV_HEADS, HEAD_DIM, device=CUDA, generator=gen, dtype=torch.bfloat16)
@@ -90,7 +92,7 @@ def test_bf16_elementwise_kernels() -> None:
     cache = cos_sin_cache(rope_inv_freq(HEAD_DIM, 500000.0, scaling), 131072).to(CUDA)
     positions = torch.randint(0, 131072, (64,), device=CUDA, generator=gen)
     for got, want in zip(apply_rotary(q, k, positions, cache), apply_rotary_ref(q, k, positions, cache)):
-        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+        assert torch.equal(got, want)
 
     kv_cache = torch.full((2, 32, 16, KV_HEADS, HEAD_DIM), -7.0, device=CUDA, dtype=torch.bfloat16)
     slots = torch.randperm(32 * 16, device=CUDA, generator=gen)[:64]
