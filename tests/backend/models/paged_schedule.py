@@ -174,10 +174,11 @@ def hf_logits(
     sequences: dict[int, list[int]],
     dtype: torch.dtype,
     device: torch.device,
+    attn_implementation: str = "eager",
 ) -> dict[int, torch.Tensor]:
-    """transformers' fp32 logits (on CPU) for every position of every full sequence."""
+    """transformers' logits (as fp32, on CPU) for every position of every full sequence."""
     hf = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="eager", local_files_only=True
+        model_dir, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     ).to(device)
     hf.eval()
     with torch.no_grad():
