@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -68,6 +68,19 @@ class RequestOutputDelta:
     times: RequestTimes | None = None  # on the final delta
     num_preemptions: int = 0  # on the final delta
     num_prefill_chunks: int = 0  # on the final delta: steps that computed prompt tokens
+
+    def followed_by(self, later: "RequestOutputDelta") -> "RequestOutputDelta":
+        """This delta and the next one of the same request as one: text and tokens joined,
+        everything that only the final delta carries taken from ``later``."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return replace(
+            later,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            logprobs=logprobs,
+        )
 
 
 @dataclass

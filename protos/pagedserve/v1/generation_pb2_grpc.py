@@ -66,7 +66,8 @@ class GenerationServiceServicer:
 
     def Generate(self, request, context):
         """Streams the completion as it is produced: one message per engine step that added text or
-        tokens; the last message carries finish_reason and usage.
+        tokens, or fewer when the stream is read slower than steps come (the steps waiting for
+        it arrive merged in its next message); the last message carries finish_reason and usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,6 +52,24 @@ async def test_concurrent_streams_equal_offline_output(engine, tiny_llama_dir) -
     await wait_all_free(engine)
 
 
+async def test_a_slow_reader_gets_every_step_it_missed_in_one_delta(engine, tiny_llama_dir) -> None:
+    """Deltas that wait for their reader merge: the stream stays complete and exact, with
+    fewer, larger messages rather than a backlog."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
+    stream = engine.generate(prompt="The slow reader", params=params)
+    first = await anext(stream)
+    await wait_all_free(engine)  # the request finishes while nobody reads
+    rest = [d async for d in stream]
+    assert len(rest) == 1 and rest[0].finished and rest[0].finish_reason is FinishReason.LENGTH
+    assert rest[0].usage.completion_tokens == 40 and rest[0].times.first_token is not None
+    deltas = [first, *rest]
+    ref = LLM(str(tiny_llama_dir), device="cpu").generate(["The slow reader"], params)[0]
+    assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+    assert "".join(d.text for d in deltas) == ref.text
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == ref.token_ids
+    assert all(len(lp.top) == 2 for d in deltas for lp in d.logprobs)
+
+
 async def test_cancel_mid_stream_aborts_and_frees_blocks(engine) -> None:
     stream = engine.generate(prompt="a long story", params=SamplingParams(max_tokens=500, ignore_eos=True))
     got = 0

@@ -6,7 +6,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagedserve.backend.engine.output import OutputProcessor
-from pagedserve.backend.engine.request import FinishReason, Request
+from pagedserve.backend.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutputDelta,
+    TokenLogprob,
+    Usage,
+)
 from pagedserve.backend.sampling_params import SamplingParams
 
 EOS = 2
@@ -78,3 +84,18 @@ def test_ignore_eos_and_min_tokens(tokenizer) -> None:
     _, deltas = feed(tokenizer, ids + ids, stop=["two"], min_tokens=4)
     # The first "two" comes before min_tokens outputs and is not a stop; the second is.
     assert "".join(d.text for d in deltas).count("two") == 1
+
+
+def test_merged_deltas_join_text_tokens_logprobs_and_keep_the_final_fields() -> None:
+    a = RequestOutputDelta("r", "Hel", [5], [TokenLogprob(5, -0.1, [])])
+    b = RequestOutputDelta(
+        "r", "lo", [6, 7], [TokenLogprob(6, -0.2, []), TokenLogprob(7, -0.3, [])],
+        finished=True, finish_reason=FinishReason.STOP, stop_reason=7, usage=Usage(3, 3, 0),
+    )
+    merged = a.followed_by(b)
+    assert (merged.text, merged.token_ids) == ("Hello", [5, 6, 7])
+    assert [lp.token_id for lp in merged.logprobs] == [5, 6, 7]
+    assert merged.finished and merged.finish_reason is FinishReason.STOP and merged.stop_reason == 7
+    assert merged.usage == Usage(3, 3, 0)
+    assert (a.text, a.token_ids, len(a.logprobs)) == ("Hel", [5], 1)  # the parts are untouched
+    assert RequestOutputDelta("r", "a", [1]).followed_by(RequestOutputDelta("r", "b", [2])).logprobs is None
