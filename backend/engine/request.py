@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -75,11 +75,19 @@ class RequestOutputDelta:
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
-        return replace(
-            later,
-            text=self.text + later.text,
-            token_ids=self.token_ids + later.token_ids,
-            logprobs=logprobs,
+        return RequestOutputDelta(
+            later.request_id,
+            self.text + later.text,
+            self.token_ids + later.token_ids,
+            logprobs,
+            later.finished,
+            later.finish_reason,
+            later.stop_reason,
+            later.usage,
+            later.error,
+            later.times,
+            later.num_preemptions,
+            later.num_prefill_chunks,
         )
 
 

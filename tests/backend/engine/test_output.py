@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -10,6 +12,7 @@ from pagedserve.backend.engine.request import (
     FinishReason,
     Request,
     RequestOutputDelta,
+    RequestTimes,
     TokenLogprob,
     Usage,
 )
@@ -91,11 +94,15 @@ def test_merged_deltas_join_text_tokens_logprobs_and_keep_the_final_fields() -> 
     b = RequestOutputDelta(
         "r", "lo", [6, 7], [TokenLogprob(6, -0.2, []), TokenLogprob(7, -0.3, [])],
         finished=True, finish_reason=FinishReason.STOP, stop_reason=7, usage=Usage(3, 3, 0),
+        error="e", times=RequestTimes(arrival=1.0), num_preemptions=2, num_prefill_chunks=3,
     )
     merged = a.followed_by(b)
     assert (merged.text, merged.token_ids) == ("Hello", [5, 6, 7])
     assert [lp.token_id for lp in merged.logprobs] == [5, 6, 7]
+    joined = {"text", "token_ids", "logprobs"}
+    for field in dataclasses.fields(RequestOutputDelta):  # every other field: the later delta's
+        if field.name not in joined:
+            assert getattr(merged, field.name) == getattr(b, field.name), field.name
     assert merged.finished and merged.finish_reason is FinishReason.STOP and merged.stop_reason == 7
-    assert merged.usage == Usage(3, 3, 0)
     assert (a.text, a.token_ids, len(a.logprobs)) == ("Hel", [5], 1)  # the parts are untouched
     assert RequestOutputDelta("r", "a", [1]).followed_by(RequestOutputDelta("r", "b", [2])).logprobs is None
