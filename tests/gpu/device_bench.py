@@ -146,6 +146,7 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
     bf16 logits tie exactly at the top at a few percent of positions (an ulp is 1/16 at 16);
     ``torch.argmax`` then returns the lower token id, so agreement is also reported as "our
     argmax is one of transformers' tied maxima"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM
 
     from pagedserve import LLM
@@ -158,41 +159,45 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
     llm = LLM(str(weights), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5,
               enable_cuda_graphs=False)
     runner = llm.engine.runner
-    rows = []
+    columns: dict[str, list[torch.Tensor]] = {}
+    gaps = []
     for ids, ref32 in zip(prompts, fp32):
+        batch = torch.tensor([ids], device="cuda")
         with torch.inference_mode():
             hf.set_attn_implementation("sdpa")
-            hf16 = hf(torch.tensor([ids], device="cuda")).logits[0].float()
-            # The same bf16 weights through transformers' other attention code: how well two
-            # correct bf16 implementations can agree on these logits at all.
+            hf16 = hf(batch).logits[0].float()
+            # The same bf16 weights through other attention code, transformers' eager path and
+            # PyTorch's FlashAttention (the default SDPA kernel may be another, cuDNN's on an
+            # H100): how well two correct bf16 implementations can agree on these logits.
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                hf16_flash = hf(batch).logits[0].float()
             hf.set_attn_implementation("eager")
-            hf16_eager = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+            hf16_eager = hf(batch).logits[0].float()
             ours = teacher_forced_logits(runner, ids).float()
+        row = {
+            "ours_vs_transformers_bf16": ours.argmax(-1) == hf16.argmax(-1),
+            "transformers_bf16_vs_fp32": hf16.argmax(-1) == ref32.argmax(-1),
+            "ours_bf16_vs_fp32": ours.argmax(-1) == ref32.argmax(-1),
+            "transformers_bf16_eager_vs_sdpa": hf16_eager.argmax(-1) == hf16.argmax(-1),
+            "transformers_sdpa_flash_vs_default": hf16_flash.argmax(-1) == hf16.argmax(-1),
+            "ours_in_transformers_bf16_argmax_set": in_argmax_set(ours, hf16),
+            "transformers_eager_in_sdpa_argmax_set": in_argmax_set(hf16_eager, hf16),
+            "transformers_sdpa_flash_in_default_argmax_set": in_argmax_set(hf16_flash, hf16),
+            "transformers_bf16_top_tied": (hf16 == hf16.amax(-1, keepdim=True)).sum(-1) > 1,
+            "transformers_sdpa_flash_row_identical_to_default": (hf16_flash == hf16).all(-1),
+        }
+        for name, values in row.items():
+            columns.setdefault(name, []).append(values.float())
         top2 = ref32.topk(2, dim=-1).values
-        rows.append(torch.stack([
-            ours.argmax(-1) == hf16.argmax(-1),
-            hf16.argmax(-1) == ref32.argmax(-1),
-            ours.argmax(-1) == ref32.argmax(-1),
-            hf16_eager.argmax(-1) == hf16.argmax(-1),
-            in_argmax_set(ours, hf16),
-            in_argmax_set(hf16_eager, hf16),
-            (hf16 == hf16.amax(-1, keepdim=True)).sum(-1) > 1,
-            top2[:, 0] - top2[:, 1],
-        ], dim=1).float())
-    table = torch.cat(rows)
-    result: dict[str, Any] = {
-        "positions": int(table.shape[0]),
-        "ours_vs_transformers_bf16": float(table[:, 0].mean()),
-        "transformers_bf16_vs_fp32": float(table[:, 1].mean()),
-        "ours_bf16_vs_fp32": float(table[:, 2].mean()),
-        "transformers_bf16_eager_vs_sdpa": float(table[:, 3].mean()),
-        "ours_in_transformers_bf16_argmax_set": float(table[:, 4].mean()),
-        "transformers_eager_in_sdpa_argmax_set": float(table[:, 5].mean()),
-        "transformers_bf16_top_tied": float(table[:, 6].mean()),
-    }
+        gaps.append(top2[:, 0] - top2[:, 1])
+    table = {name: torch.cat(values) for name, values in columns.items()}
+    gap = torch.cat(gaps)
+    result: dict[str, Any] = {"positions": int(gap.numel())}
+    result.update({name: float(values.mean()) for name, values in table.items()})
     for tol in (0.05, 0.1, 0.2, 0.5):
-        decisive = table[:, 7] >= tol
-        result[f"ours_vs_transformers_bf16_gap_ge_{tol}"] = float(table[decisive, 0].mean())
+        decisive = gap >= tol
+        agree = table["ours_vs_transformers_bf16"]
+        result[f"ours_vs_transformers_bf16_gap_ge_{tol}"] = float(agree[decisive].mean())
         result[f"share_gap_ge_{tol}"] = float(decisive.float().mean())
     with torch.inference_mode():
         result["layer0_ops_bitwise_mismatch"] = op_mismatch(hf, runner, max(prompts, key=len))
