@@ -137,7 +137,7 @@ class BenchReport:
     output_throughput: float
     ttft_ms: dict[str, float]
     tpot_ms: dict[str, float]
-    itl_ms: dict[str, float]
+    itl_ms: dict[str, float]  # between messages of a stream; a message may carry several tokens
     e2e_ms: dict[str, float]
     errors: list[str]
     offline_output_throughput: float | None = None
@@ -215,7 +215,7 @@ class BenchReport:
         for name, stats in (
             ("TTFT", self.ttft_ms),
             ("TPOT", self.tpot_ms),
-            ("ITL", self.itl_ms),
+            ("ITL (per message)", self.itl_ms),
             ("end-to-end", self.e2e_ms),
         ):
             row = "".join(f"{stats[k]:>10.1f}" for k in ("mean", *(f"p{q}" for q in PERCENTILES)))
