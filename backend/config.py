@@ -170,6 +170,10 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     # Run one short generation through the whole path before health reports SERVING.
     warmup: bool = True
+    # Every streamed message after a request's first carries at least this many tokens (its
+    # last may carry fewer): fewer, larger messages leave the server more time for the engine
+    # when it streams to many clients. 1 sends each step's tokens as soon as they exist.
+    stream_interval: int = 1
     # How often the server checks that the engine loop is alive (health NOT_SERVING if not).
     engine_check_interval_s: float = 1.0
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

@@ -39,15 +39,20 @@ OutputListener = Callable[[list[RequestOutputDelta]], None]
 
 class _Mailbox:
     """One request's deltas not yet taken by its stream, merged into one. Touched only on the
-    stream's event loop (the engine thread hands items over through ``call_soon_threadsafe``)."""
+    stream's event loop (the engine thread hands items over through ``call_soon_threadsafe``).
 
-    __slots__ = ("loop", "delta", "error", "waiter")
+    After the first take, a take waits until ``min_tokens`` tokens are pending (or the request
+    has finished): the stream interval."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("loop", "min_tokens", "delta", "error", "waiter", "_interval")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream_interval: int) -> None:
         self.loop = loop
+        self.min_tokens = 1  # the first token goes out at once (time to first token)
         self.delta: RequestOutputDelta | None = None
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self._interval = stream_interval
 
     def put(self, item: RequestOutputDelta | BaseException) -> None:
         if isinstance(item, BaseException):
@@ -57,19 +62,33 @@ class _Mailbox:
             self.delta = item
         else:
             self.delta = self.delta.followed_by(item)
-        if self.waiter is not None and not self.waiter.done():
+        if self._ready() and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def _ready(self) -> bool:
+        delta = self.delta
+        if delta is None:
+            return self.error is not None
+        return delta.finished or len(delta.token_ids) >= self.min_tokens or self.error is not None
 
     async def take(self) -> RequestOutputDelta:
         """Everything delivered since the last take; raises a delivered error once the deltas
         before it have been taken."""
-        while self.delta is None:
-            if self.error is not None:
-                raise self.error
+        while not self._ready():
             self.waiter = self.loop.create_future()
             await self.waiter
+        if self.delta is None:
+            assert self.error is not None
+            raise self.error
         delta, self.delta = self.delta, None
+        self.min_tokens = self._interval
         return delta
+
+
+def _checked_interval(stream_interval: int) -> int:
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
+    return stream_interval
 
 
 def _put_all(items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]]) -> None:
@@ -78,7 +97,10 @@ def _put_all(items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]]) -
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, stream_interval: int = 1) -> None:
+        """``stream_interval``: tokens each delta of a stream carries after its first (the last
+        may carry fewer); see ``ServerConfig.stream_interval``."""
+        self._stream_interval = _checked_interval(stream_interval)
         self.engine = engine
         self.model_info: ModelInfo = engine.model_info
         self.tokenizer = engine.tokenizer
@@ -97,9 +119,10 @@ class AsyncEngine:
         engine.add_failure_listener(self._engine_failed)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+    def from_config(cls, config: EngineConfig, stream_interval: int = 1) -> "AsyncEngine":
         """Blocking: loads the model and starts the engine thread."""
-        return cls(LLMEngine(config))
+        _checked_interval(stream_interval)  # before the (slow) model load
+        return cls(LLMEngine(config), stream_interval)
 
     # -- public API (event-loop side) --------------------------------------------------------
     @property
@@ -148,7 +171,7 @@ class AsyncEngine:
                 prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                 request_id=request_id,
             )
-            mailbox = _Mailbox(asyncio.get_running_loop())
+            mailbox = _Mailbox(asyncio.get_running_loop(), self._stream_interval)
             self._streams[request.request_id] = mailbox
             self._pending_adds += 1
         self._inbox.put(("add", request))

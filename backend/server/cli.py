@@ -34,7 +34,21 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup
     )
+    group.add_argument(
+        "--stream-interval",
+        type=_positive_int,
+        default=defaults.stream_interval,
+        help="tokens in each streamed message after the first (the last may have fewer); "
+        "higher trades smoothness for throughput under many streams",
+    )
     add_telemetry_args(parser)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -44,6 +58,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=args.drain_timeout_s,
         max_message_bytes=args.max_message_bytes,
         warmup=args.warmup,
+        stream_interval=args.stream_interval,
         telemetry=telemetry_config_from_args(args),
     )
 

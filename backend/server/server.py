@@ -128,7 +128,9 @@ async def load_engine(
     from pagedserve.backend.engine.async_engine import AsyncEngine
 
     try:
-        engine = await asyncio.to_thread(AsyncEngine.from_config, engine_config)
+        engine = await asyncio.to_thread(
+            AsyncEngine.from_config, engine_config, stream_interval=config.stream_interval
+        )
         if config.warmup:
             await warm_up(engine)
     except Exception as error:  # the server keeps answering UNAVAILABLE with the reason

@@ -67,7 +67,8 @@ class GenerationServiceServicer:
     def Generate(self, request, context):
         """Streams the completion as it is produced: one message per engine step that added text or
         tokens, or fewer when the stream is read slower than steps come (the steps waiting for
-        it arrive merged in its next message); the last message carries finish_reason and usage.
+        it arrive merged in its next message) or the server sets a stream interval (messages after
+        the first carry at least that many tokens); the last carries finish_reason and usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -123,3 +124,44 @@ async def test_event_loop_stays_responsive_during_steps(engine) -> None:
         worst = max(worst, time.perf_counter() - t0)
     await task
     assert worst < 0.5, f"event loop stalled for {worst:.3f}s"
+
+
+async def test_stream_interval_sends_the_first_token_at_once_then_groups(tiny_llama_dir) -> None:
+    """With stream_interval 4 the first delta still carries the first token alone (time to
+    first token unchanged), every later one but the last at least 4 tokens."""
+    config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), device="cpu", num_blocks=96)
+    eng = AsyncEngine.from_config(config, stream_interval=4)
+    first_taken = threading.Event()
+    steps = 0
+
+    def hold_second_step(_info) -> None:
+        # Runs on the engine thread before a step's deltas go out: the second token cannot
+        # reach the mailbox before the test has taken the first.
+        nonlocal steps
+        steps += 1
+        if steps == 2:
+            first_taken.wait(10.0)
+
+    eng.add_step_listener(hold_second_step)
+    params = SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True)
+    try:
+        stream = eng.generate(prompt="Grouped tokens", params=params)
+        deltas = [await anext(stream)]
+        first_taken.set()
+        deltas += [d async for d in stream]
+    finally:
+        first_taken.set()
+        eng.shutdown()
+    sizes = [len(d.token_ids) for d in deltas]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 18, sizes
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    ref = LLM(str(tiny_llama_dir), device="cpu").generate(["Grouped tokens"], params)[0]
+    assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+    assert "".join(d.text for d in deltas) == ref.text
+
+
+def test_stream_interval_below_one_is_refused_before_loading(tmp_path) -> None:
+    # A model path that does not exist: a load would fail with ModelLoadError instead.
+    config = EngineConfig.from_kwargs(model=str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncEngine.from_config(config, stream_interval=0)

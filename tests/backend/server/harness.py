@@ -9,7 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfig
+from pagedserve.backend.engine.async_engine import AsyncEngine
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
 
@@ -43,6 +46,25 @@ def running_server(
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def gated_model_loading(
+    monkeypatch: pytest.MonkeyPatch, timeout_s: float
+) -> Iterator[threading.Event]:
+    """Model loading waits for the returned event, so a test sees the loading phase."""
+    gate = threading.Event()
+    load = AsyncEngine.from_config
+
+    def gated(config: EngineConfig, stream_interval: int = 1) -> AsyncEngine:
+        assert gate.wait(timeout_s), "test never released model loading"
+        return load(config, stream_interval)
+
+    monkeypatch.setattr(AsyncEngine, "from_config", staticmethod(gated))
+    try:
+        yield gate
+    finally:
+        gate.set()
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

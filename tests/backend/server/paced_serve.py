@@ -25,8 +25,8 @@ def pace_engine_steps(delay_s: float) -> None:
     """Every engine built from now on sleeps ``delay_s`` after each step, on its loop thread."""
     build = AsyncEngine.from_config
 
-    def paced(config: EngineConfig) -> AsyncEngine:
-        engine = build(config)
+    def paced(config: EngineConfig, stream_interval: int = 1) -> AsyncEngine:
+        engine = build(config, stream_interval)
 
         def pause(_: StepInfo) -> None:
             time.sleep(delay_s)

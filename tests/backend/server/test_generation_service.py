@@ -9,13 +9,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from pagedserve.backend.cli import build_parser
+from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.request import RequestOutput
 from pagedserve.backend.llm import LLM
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server.cli import server_config_from_args
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import AsyncGenerationClient, GenerationClient
 from pagedserve.v1 import generation_pb2 as pb
-from tests.backend.server.harness import TINY_ENGINE
+from tests.backend.server.harness import READY_TIMEOUT_S, TINY_ENGINE
 
 NUM_STREAMS = 32
 MAX_TOKENS = 16
@@ -195,3 +198,34 @@ def test_prefix_cache_hits_show_in_usage_and_load(client: GenerationClient) -> N
     after = client.load()
     assert again.usage.cached_prompt_tokens == 3 * TINY_ENGINE["block_size"]
     assert after.prefix_cache_hits - before.prefix_cache_hits == again.usage.cached_prompt_tokens
+
+
+def test_stream_interval_flag_groups_tokens_per_message(
+    tiny_llama_dir: Path, reference: list[RequestOutput]
+) -> None:
+    """``serve --stream-interval 3``: every message after the first but the last carries at
+    least 3 tokens, and the stream holds the same tokens and text."""
+    args = build_parser().parse_args(
+        ["serve", "--stream-interval", "3", "--host", "127.0.0.1", "--port", "0", "--no-metrics"]
+    )
+    server_config = server_config_from_args(args)
+    assert server_config.stream_interval == 3
+    engine_config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), **TINY_ENGINE)
+    server = BackgroundServer(server_config, engine_config)
+    server.start()
+    try:
+        server.wait_ready(READY_TIMEOUT_S)
+        with GenerationClient(server.address) as client:
+            responses = list(client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0))
+    finally:
+        server.stop()
+    sizes = [len(r.token_ids) for r in responses]
+    assert all(n >= 3 for n in sizes[1:-1]) and sum(sizes) == MAX_TOKENS, sizes
+    assert len(responses) <= 1 + -(-(MAX_TOKENS - 1) // 3)
+    assert_matches_reference([t for r in responses for t in r.token_ids], reference[0])
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_stream_interval_below_one_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--stream-interval", "0"])

@@ -24,10 +24,9 @@ from tritonclient.grpc import service_pb2_grpc as triton_service_grpc
 from tritonclient.utils import InferenceServerException
 
 from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
-from tests.backend.server.harness import TINY_ENGINE, SlowSteps, all_blocks_free, wait_for
+from tests.backend.server.harness import TINY_ENGINE, SlowSteps, gated_model_loading, all_blocks_free, wait_for
 
 MAX_TOKENS = 16
 GREEDY = {"temperature": "0", "max_tokens": str(MAX_TOKENS), "ignore_eos": "true"}
@@ -542,17 +541,8 @@ async def test_aio_stream_cancel_and_client_close_free_blocks(
 
 @pytest.fixture
 def gated_loading(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Model loading waits for the returned event, so a test sees the loading phase."""
-    gate = threading.Event()
-    load = AsyncEngine.from_config
-
-    def gated(config: EngineConfig) -> AsyncEngine:
-        assert gate.wait(STREAM_TIMEOUT_S), "test never released model loading"
-        return load(config)
-
-    monkeypatch.setattr(AsyncEngine, "from_config", staticmethod(gated))
-    yield gate
-    gate.set()
+    with gated_model_loading(monkeypatch, STREAM_TIMEOUT_S) as gate:
+        yield gate
 
 
 def test_loading_model_is_not_ready_and_inference_unavailable(

@@ -15,11 +15,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
 from pagedserve.backend.server.generation_service import SERVICE_NAME
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
-from tests.backend.server.harness import TINY_ENGINE, SlowSteps, wait_for
+from tests.backend.server.harness import TINY_ENGINE, SlowSteps, gated_model_loading, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,17 +36,8 @@ def _server(model: Path | str, **server_kwargs: Any) -> BackgroundServer:
 
 @pytest.fixture
 def gated_loading(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Model loading waits for the returned event, so a test sees the loading phase."""
-    gate = threading.Event()
-    load = AsyncEngine.from_config
-
-    def gated(config: EngineConfig) -> AsyncEngine:
-        assert gate.wait(60), "test never released model loading"
-        return load(config)
-
-    monkeypatch.setattr(AsyncEngine, "from_config", staticmethod(gated))
-    yield gate
-    gate.set()
+    with gated_model_loading(monkeypatch, 60) as gate:
+        yield gate
 
 
 def test_health_goes_not_serving_to_serving(
