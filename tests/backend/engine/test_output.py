@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 from transformers import AutoTokenizer
 
-from pagedserve.backend.engine.output import OutputProcessor
+from pagedserve.backend.engine.output import IncrementalDetokenizer, OutputProcessor
 from pagedserve.backend.engine.request import (
     FinishReason,
     Request,
@@ -51,6 +52,29 @@ def test_deltas_join_to_the_full_decode_without_broken_characters(tokenizer, tex
     assert "".join(d.text for d in deltas) == tokenizer.decode(ids, skip_special_tokens=True) == text
     # Multi-byte characters span several byte-level tokens: some steps must emit nothing.
     assert any(d.text == "" for d in deltas)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_rust_incremental_decoding_gives_the_same_deltas_as_the_window_decode(
+    tokenizer, skip_special_tokens
+) -> None:
+    """The tokenizer's DecodeStream path against our two-decode window algorithm, token by
+    token: real text (multi-byte characters), random ids, special ids and ids past the
+    vocabulary (a padded LM head can sample them)."""
+    rng = random.Random(3)
+    vocab = len(tokenizer)
+    sequences = [
+        tokenizer.encode("Hello 世界 🌍🚀👩‍👩‍👧, naïve café ½ 日本語", add_special_tokens=False),
+        [rng.randrange(vocab) for _ in range(300)],
+        [rng.choice([0, 1, 2, vocab, vocab + 7, rng.randrange(vocab)]) for _ in range(200)],
+    ]
+    for ids in sequences:
+        fast = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        window = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        assert fast._stream is not None
+        window._stream = None
+        assert [fast.add(t) for t in ids] == [window.add(t) for t in ids]
+        assert fast.flush() == window.flush()
 
 
 def test_stop_string_across_tokens_is_excluded_and_never_streamed(tokenizer) -> None:
