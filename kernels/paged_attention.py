@@ -435,7 +435,9 @@ def _varlen_paged_attention_kernel(
     )
 
 
-@triton.jit
+# The split count is a runtime value (one compiled kernel for every count, so a new count met
+# while serving is not a compile that stalls every stream); SPLIT picks the single-pass store.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -457,9 +459,10 @@ def _decode_paged_attention_kernel(
     cache_slot_stride,
     cache_head_stride,
     block_table_stride,
+    num_splits,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -477,7 +480,7 @@ def _decode_paged_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     # Partitions are sized from this sequence's own length, so every one has work when the
     # context is long enough, whatever the batch's longest context.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     kv_start = split * split_len
     kv_end = tl.minimum(seq_len, kv_start + split_len)
 
@@ -511,7 +514,7 @@ def _decode_paged_attention_kernel(
         cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
         dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
     )
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + token * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
@@ -519,8 +522,8 @@ def _decode_paged_attention_kernel(
             mask=io_mask,
         )
     else:
-        # Partials are [num_seqs, num_heads, NUM_SPLITS] (x HEAD_DIM_PAD for acc), contiguous.
-        part = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + head) * NUM_SPLITS + split
+        # Partials are [num_seqs, num_heads, num_splits] (x HEAD_DIM_PAD for acc), contiguous.
+        part = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + head) * num_splits + split
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
         tl.store(
@@ -530,7 +533,7 @@ def _decode_paged_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kv_splits_kernel(
     out_ptr,
     part_acc_ptr,
@@ -540,7 +543,7 @@ def _merge_kv_splits_kernel(
     head_dim,
     out_token_stride,
     out_head_stride,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
 ):
@@ -552,8 +555,8 @@ def _merge_kv_splits_kernel(
     if tl.load(query_start_loc_ptr + seq + 1) - q_start != 1:
         return
     splits = tl.arange(0, SPLITS_PAD)
-    split_mask = splits < NUM_SPLITS
-    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    split_mask = splits < num_splits
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + splits
     m = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"))
     l = tl.load(part_sum_ptr + part, mask=split_mask, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -690,15 +693,16 @@ def paged_attention_triton(
     _decode_paged_attention_kernel[(num_seqs, num_kv_heads, num_kv_splits)](
         q, k_cache, v_cache, out, part_acc, part_max, part_sum,
         block_tables, query_start_loc, seq_lens,
-        BLOCK_M=block_m, NUM_SPLITS=num_kv_splits, BLOCK_N=config.decode_block_n, **common,
+        BLOCK_M=block_m, SPLIT=num_kv_splits > 1, BLOCK_N=config.decode_block_n,
+        num_splits=num_kv_splits, **common,
         num_warps=config.decode_num_warps, num_stages=config.decode_num_stages,
     )
     if num_kv_splits > 1:
         _merge_kv_splits_kernel[(num_seqs, num_heads)](
             out, part_acc, part_max, part_sum, query_start_loc,
-            head_dim, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_kv_splits,
-            SPLITS_PAD=next_power_of_2(num_kv_splits),
+            head_dim, out.stride(0), out.stride(1), num_kv_splits,
+            # Padded to the configured maximum, so every split count shares one compiled kernel.
+            SPLITS_PAD=next_power_of_2(max(num_kv_splits, config.max_kv_splits)),
             HEAD_DIM_PAD=head_dim_pad,
         )
     return out
