@@ -353,8 +353,10 @@ def _find_sequence(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr
     return lo - 1
 
 
-# num_seqs varies per step: keep one compiled kernel for all values (1 included).
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs and the block-table width (the step's longest sequence, in blocks) vary per step:
+# keep one compiled kernel for all their values. Triton would otherwise compile a variant for
+# a value of 1 and one for multiples of 16, each a stall of every stream the first time.
+@triton.jit(do_not_specialize=["num_seqs", "block_table_stride"])
 def _varlen_paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -437,7 +439,8 @@ def _varlen_paged_attention_kernel(
 
 # The split count is a runtime value (one compiled kernel for every count, so a new count met
 # while serving is not a compile that stalls every stream); SPLIT picks the single-pass store.
-@triton.jit(do_not_specialize=["num_splits"])
+# The block-table width varies per eager step, as in the varlen kernel.
+@triton.jit(do_not_specialize=["num_splits", "block_table_stride"])
 def _decode_paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
