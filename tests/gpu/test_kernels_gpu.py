@@ -17,6 +17,9 @@ from pagedserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from pagedserve.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
 from pagedserve.kernels.paged_attention import (
     DEFAULT_ATTENTION_CONFIG,
+    _decode_paged_attention_kernel,
+    _merge_kv_splits_kernel,
+    _varlen_paged_attention_kernel,
     choose_num_kv_splits,
     paged_attention_ref,
     paged_attention_triton,
@@ -55,6 +58,33 @@ def test_attention_realistic_shapes(dtype: torch.dtype, atol: float) -> None:
     ref = reference(batch, HEAD_DIM**-0.5)
     err = _max_err(_run(batch), ref, batch.num_real_tokens)
     assert err <= atol, err
+
+
+def test_new_table_widths_and_split_counts_compile_nothing() -> None:
+    """The block-table width (the step's longest sequence in blocks) and the split count change
+    while serving; once a prefill batch, a one-partition decode and a split decode have run, no
+    other width or count may compile a kernel again: each compile stalls every stream."""
+    device = torch.cuda.current_device()
+    kernels = (_varlen_paged_attention_kernel, _decode_paged_attention_kernel, _merge_kv_splits_kernel)
+
+    def compiled() -> list[int]:
+        return [len(kernel.device_caches[device][0]) for kernel in kernels]
+
+    def run(query_lens: list[int], context_lens: list[int], **kwargs: object) -> None:
+        _run(make_batch(query_lens, context_lens, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, CUDA), **kwargs)
+
+    run([64, 3], [0, 100])
+    run([1, 1], [40, 9], num_kv_splits=1)
+    run([1, 1], [400, 90], num_kv_splits=2)
+    torch.cuda.synchronize()
+    first = compiled()
+    # make_batch pads the table by 2 columns: 14, 15, 30, 31 blocks give widths 16, 17, 32, 33.
+    for blocks in (14, 15, 30, 31):
+        run([64, 3], [blocks * 16 - 64, 5])
+    for blocks, splits in ((14, 3), (15, 5), (30, 7), (31, 32)):
+        run([1, 1], [blocks * 16 - 1, 20], num_kv_splits=splits)
+    torch.cuda.synchronize()
+    assert compiled() == first
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, BF16_ATTENTION_ATOL), (torch.float16, FP16_ATTENTION_ATOL)])
