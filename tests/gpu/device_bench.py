@@ -147,7 +147,7 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
     ``torch.argmax`` then returns the lower token id, so agreement is also reported as "our
     argmax is one of transformers' tied maxima"."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers import AutoModelForCausalLM
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
     from pagedserve import LLM
 
@@ -155,6 +155,7 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
         fp32 = [hf(torch.tensor([ids], device="cuda")).logits[0].float() for ids in prompts]
     del hf
     release()
+    AttentionInterface.register(EXACT_ATTENTION, exact_attention)
     hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(str(weights), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5,
               enable_cuda_graphs=False)
@@ -173,6 +174,10 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
                 hf16_flash = hf(batch).logits[0].float()
             hf.set_attn_implementation("eager")
             hf16_eager = hf(batch).logits[0].float()
+            # Attention computed in float64 and rounded once to bf16, everything else as
+            # transformers' bf16: what an implementation with exact attention would agree.
+            hf.set_attn_implementation(EXACT_ATTENTION)
+            hf16_exact = hf(batch).logits[0].float()
             ours = teacher_forced_logits(runner, ids).float()
         row = {
             "ours_vs_transformers_bf16": ours.argmax(-1) == hf16.argmax(-1),
@@ -183,6 +188,10 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
             "ours_in_transformers_bf16_argmax_set": in_argmax_set(ours, hf16),
             "transformers_eager_in_sdpa_argmax_set": in_argmax_set(hf16_eager, hf16),
             "transformers_sdpa_flash_in_default_argmax_set": in_argmax_set(hf16_flash, hf16),
+            "transformers_exact_attention_vs_sdpa": hf16_exact.argmax(-1) == hf16.argmax(-1),
+            "transformers_exact_attention_in_sdpa_argmax_set": in_argmax_set(hf16_exact, hf16),
+            "ours_vs_transformers_exact_attention": ours.argmax(-1) == hf16_exact.argmax(-1),
+            "transformers_sdpa_flash_vs_exact_attention": hf16_flash.argmax(-1) == hf16_exact.argmax(-1),
             "transformers_bf16_top_tied": (hf16 == hf16.amax(-1, keepdim=True)).sum(-1) > 1,
             "transformers_sdpa_flash_row_identical_to_default": (hf16_flash == hf16).all(-1),
         }
@@ -199,12 +208,31 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
         agree = table["ours_vs_transformers_bf16"]
         result[f"ours_vs_transformers_bf16_gap_ge_{tol}"] = float(agree[decisive].mean())
         result[f"share_gap_ge_{tol}"] = float(decisive.float().mean())
+    hf.set_attn_implementation("sdpa")
     with torch.inference_mode():
         result["layer0_ops_bitwise_mismatch"] = op_mismatch(hf, runner, max(prompts, key=len))
     print("parity bf16:", json.dumps(result, indent=1))
     del llm, hf
     release()
     return result
+
+
+EXACT_ATTENTION = "float64_reference"
+
+
+def exact_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Any, scaling: float | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention of one unpadded sequence in float64, rounded once to the input dtype;
+    registered with transformers' attention interface as ``EXACT_ATTENTION``."""
+    group = query.shape[1] // key.shape[1]
+    q = query.double()
+    k = key.double().repeat_interleave(group, 1)
+    v = value.double().repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    n = q.shape[2]
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def in_argmax_set(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
