@@ -81,6 +81,15 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Destroy the captured graphs. NCCL counts every live graph that captured one of its
+        collectives and will not finish destroying or aborting the communicator until each is
+        gone: tensor-parallel ranks call this before they leave the process group."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def fits(self, metadata: AttentionMetadata) -> bool:
         return (
             metadata.max_query_len == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
@@ -158,6 +159,8 @@ class TensorParallelGroup:
         self.timeout = timeout
         self.control = control
         self.backend = backend
+        self._teardown_lock = threading.Lock()
+        self._aborted: threading.Event | None = None
 
     @classmethod
     def join(
@@ -251,24 +254,56 @@ class TensorParallelGroup:
             )
 
     # -- teardown ------------------------------------------------------------------------------
-    def abort(self) -> None:
-        """Make collectives stuck on a dead rank fail now. NCCL only: gloo notices a closed
-        peer by itself, while an NCCL kernel would wait for the watchdog's timeout."""
+    def abort(self, wait_s: float) -> bool:
+        """Make collectives stuck on a dead rank fail. NCCL only: gloo notices a closed peer by
+        itself, while an NCCL kernel would wait for the watchdog's timeout. NCCL's abort may
+        itself block (it reclaims resources shared with the other ranks, and a dead rank never
+        takes part), so it runs once, on its own thread; returns whether it has finished
+        within ``wait_s`` (0: start it and return)."""
         if self.backend != "nccl":
-            return
-        try:
-            group = dist.group.WORLD
-            assert group is not None
-            group.abort()
-        except Exception:  # best effort: the group is broken either way
-            logger.exception("aborting the NCCL communicators failed")
+            return True
+        with self._teardown_lock:
+            if self._aborted is None:
+                group = dist.group.WORLD
+                assert group is not None
+                self._aborted = _start(group.abort, "aborting the NCCL communicators")
+        return _wait(self._aborted, "aborting the NCCL communicators", wait_s)
 
-    def destroy(self) -> None:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a group broken by a dead rank may not tear down cleanly
-                logger.warning("destroying the process group failed", exc_info=True)
+    def destroy(self, wait_s: float) -> bool:
+        """Leave the process groups. NCCL's teardown is collective (it flushes work shared with
+        the other ranks): every rank must call this at about the same time, rank 0 right after
+        telling the workers to stop and the workers on reading that. A rank that never arrives
+        would hang the others, so this waits at most ``wait_s``; returns whether it finished."""
+        if not dist.is_initialized():
+            return True
+        what = "destroying the process group"
+        return _wait(_start(dist.destroy_process_group, what), what, wait_s)
+
+
+def _start(action: Callable[[], object], what: str) -> threading.Event:
+    """Run ``action`` on a daemon thread; the event is set when it returns. A call left blocked
+    in the communication library then blocks that thread, not the caller's."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            action()
+        except Exception:  # best effort: a group broken by a dead rank may not tear down cleanly
+            logger.warning("%s failed", what, exc_info=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="pagedserve-tp-teardown", daemon=True).start()
+    return done
+
+
+def _wait(done: threading.Event, what: str, wait_s: float) -> bool:
+    if wait_s <= 0:
+        return done.is_set()
+    if not done.wait(wait_s):
+        logger.warning("%s did not finish within %.0f s; going on without it", what, wait_s)
+        return False
+    return True
 
 
 def heartbeat_counts(store: dist.Store, ranks: Iterable[int]) -> dict[int, int]:

@@ -13,6 +13,7 @@ then runs the same forward (``run_batch``), and rank 0 alone samples.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 GIB = 1 << 30
 # How long shutdown waits for an in-flight step before stopping the workers without a word.
 _SHUTDOWN_STEP_WAIT_S = 30.0
+# Polling a tensor-parallel step's completion: the first and the longest pause between checks
+# (the longest bounds the latency the polling adds to a step).
+_STEP_POLL_FIRST_S = 1e-5
+_STEP_POLL_MAX_S = 1e-4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,6 +143,7 @@ class ModelRunner:
         self.rank = 0 if group is None else group.rank
         # Held for a whole step, so shutdown never talks to the workers mid-step.
         self._step_lock = threading.Lock()
+        self.decode_graphs: DecodeGraphs | None = None
         try:
             self._load()
         except BaseException:
@@ -173,7 +179,6 @@ class ModelRunner:
         self.block_tables = PersistentBlockTables(
             config.scheduler.max_num_seqs, -(-self.max_model_len // self.block_size)
         )
-        self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             self.decode_graphs = self._capture_decode_graphs()
 
@@ -182,6 +187,12 @@ class ModelRunner:
         """``listener(reason)`` runs (on a monitor thread) when a tensor-parallel worker dies."""
         if self.leader is not None:
             self.leader.add_death_listener(listener)
+
+    def release_decode_graphs(self) -> None:
+        """Drop the decode graphs (later decode steps run eagerly); see DecodeGraphs.release."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
+            self.decode_graphs = None
 
     def check_alive(self) -> None:
         """Raise EngineDeadError once a tensor-parallel worker has died."""
@@ -194,6 +205,8 @@ class ModelRunner:
             return
         idle = self._step_lock.acquire(timeout=_SHUTDOWN_STEP_WAIT_S)
         try:
+            if idle:  # a step still running may be replaying a graph
+                self.release_decode_graphs()
             self.leader.shutdown(graceful=idle)
         finally:
             if idle:
@@ -387,10 +400,22 @@ class ModelRunner:
                 self.group.send_step(batch)
                 logits = self.run_batch(batch)
                 if self.device.type == "cuda":  # surface a failed collective here
-                    torch.cuda.current_stream(self.device).synchronize()
+                    self._wait_for_step()
                 return logits
         except Exception as exc:
             raise EngineDeadError(self.leader.step_failed(exc)) from exc
+
+    def _wait_for_step(self) -> None:
+        """Wait for the step's kernels while watching the workers. A collective whose peer died
+        never finishes, and NCCL's abort may not free it either: a blocking synchronize would
+        hold the engine thread for good, so this polls and raises EngineDeadError instead."""
+        done = torch.cuda.Event()
+        done.record()
+        pause = _STEP_POLL_FIRST_S
+        while not done.query():
+            self.check_alive()
+            time.sleep(pause)
+            pause = min(2 * pause, _STEP_POLL_MAX_S)
 
     def _on_device(self) -> AbstractContextManager[object]:
         """Kernels and NCCL calls use the thread's current device, and the engine thread is not

@@ -292,17 +292,20 @@ class TensorParallelLeader:
                 return
             self.dead_reason = reason
         logger.error("%s; the engine cannot continue", reason)
-        # The group is unusable now: free the other workers' devices and unblock rank 0.
+        # The group is unusable now: free the other workers' devices, fail the requests, then
+        # try to free rank 0's stream. The engine thread does not wait on that abort (it
+        # watches dead_reason while a step runs), so the requests fail even if NCCL's abort
+        # never returns.
         for p in self._processes:
             if p.poll() is None:
                 p.kill()
-        if self.group is not None:
-            self.group.abort()
         for listener in self._listeners:
             try:
                 listener(reason)
             except Exception:
                 logger.exception("death listener failed")
+        if self.group is not None:
+            self.group.abort(wait_s=0)
 
     # -- stop ------------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True) -> None:
@@ -320,12 +323,20 @@ class TensorParallelLeader:
             except Exception:
                 logger.warning("could not tell the workers to stop", exc_info=True)
                 graceful = False
+        if graceful:
+            assert self.group is not None
+            # Now, while the workers destroy theirs: NCCL's teardown is collective.
+            graceful = self.group.destroy(wait_s=_EXIT_GRACE_S)
         _stop_processes(self._processes, _EXIT_GRACE_S if graceful else 0.0)
         self._finalizer.detach()
         if self._monitor is not None:
             self._monitor.join()
-        if self.group is not None:
-            self.group.destroy()
+        if self.group is not None and not graceful:
+            # A rank died, or the ranks stopped mid-step or mid-start: no collective teardown
+            # can happen now. Abort (NCCL), then leave the groups so that this process can
+            # start another engine; both bounded, neither may hang shutdown.
+            if self.group.abort(wait_s=_EXIT_GRACE_S):
+                self.group.destroy(wait_s=_EXIT_GRACE_S)
         for rank, p in enumerate(self._processes, 1):
             if graceful and p.returncode != 0:
                 logger.warning("tensor-parallel rank %d exited with code %s", rank, p.returncode)

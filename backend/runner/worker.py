@@ -137,7 +137,8 @@ def run_worker(spec: WorkerSpec) -> int:
             break
         runner.run_batch(batch)
     lifeline.stop.set()
-    group.destroy()
+    runner.release_decode_graphs()
+    group.destroy(wait_s=config.parallel.distributed_timeout_s)
     logger.info("rank %d stopped", spec.rank)
     return 0
 
