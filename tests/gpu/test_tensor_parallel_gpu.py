@@ -39,6 +39,14 @@ STAGE_TIMEOUT_S = 600
 KILL_NOTICED_S = 30.0
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """Tokenizer files for the dummy models: ``$PAGEDSERVE_GPU_TOKENIZER`` where given (a
+    device machine without the default model's package), else the default model's directory."""
+    given = os.environ.get("PAGEDSERVE_GPU_TOKENIZER")
+    return Path(given) if given else request.getfixturevalue("default_model_dir")
+
+
 def _run(stage: str, tp: int, tokenizer: Path, tmp_path: Path) -> dict[str, Any]:
     out = tmp_path / f"{stage}-tp{tp}.json"
     env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": str(ROOT)}
@@ -63,9 +71,9 @@ def _record(name: str, value: Any) -> None:
         path.write_text(json.dumps(results, indent=2))
 
 
-def test_tp2_greedy_tokens_match_tp1_in_fp32(default_model_dir: Path, tmp_path: Path) -> None:
-    single = _run("parity", 1, default_model_dir, tmp_path)
-    split = _run("parity", 2, default_model_dir, tmp_path)
+def test_tp2_greedy_tokens_match_tp1_in_fp32(tokenizer_dir: Path, tmp_path: Path) -> None:
+    single = _run("parity", 1, tokenizer_dir, tmp_path)
+    split = _run("parity", 2, tokenizer_dir, tmp_path)
     refs = [ReferenceOutput(t, g) for t, g in zip(single["token_ids"], single["top2_gaps"])]
     ties = compare_greedy(split["token_ids"], refs)
     print(f"\nparity fp32 Llama-3.2-1B (dummy): TP=2 tokens equal TP=1 for 16 requests "
@@ -73,8 +81,8 @@ def test_tp2_greedy_tokens_match_tp1_in_fp32(default_model_dir: Path, tmp_path: 
     _record("parity", {"requests": len(refs), "near_ties": ties, "device": split["device"]})
 
 
-def test_killed_worker_fails_the_engine_fast(default_model_dir: Path, tmp_path: Path) -> None:
-    result = _run("kill", 2, default_model_dir, tmp_path)
+def test_killed_worker_fails_the_engine_fast(tokenizer_dir: Path, tmp_path: Path) -> None:
+    result = _run("kill", 2, tokenizer_dir, tmp_path)
     print(f"\nkill: stream failed {result['seconds_to_fail']:.2f} s after SIGKILL: "
           f"{result['error']}")
     _record("kill", result)
@@ -86,10 +94,10 @@ def test_killed_worker_fails_the_engine_fast(default_model_dir: Path, tmp_path: 
 
 
 def test_tp2_throughput_and_decode_latency_beside_tp1(
-    default_model_dir: Path, tmp_path: Path
+    tokenizer_dir: Path, tmp_path: Path
 ) -> None:
-    single = _run("bench", 1, default_model_dir, tmp_path)
-    split = _run("bench", 2, default_model_dir, tmp_path)
+    single = _run("bench", 1, tokenizer_dir, tmp_path)
+    split = _run("bench", 2, tokenizer_dir, tmp_path)
     print(f"\nLlama-3-8B (dummy, bf16) on {split['device']}: "
           "256 requests x 512 prompt / 256 output tokens, ignore_eos")
     print(f"{'':<6}{'output tok/s':>14}{'seconds':>10}{'decode ms (bs 1)':>20}")
