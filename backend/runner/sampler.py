@@ -25,19 +25,38 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+# Each array's start in the packed buffer, in int64 elements: 16 bytes. Triton specializes a
+# kernel on whether each pointer argument is 16-byte aligned, so a slice whose alignment
+# changed with the step's sizes would compile a second variant of every kernel it reaches,
+# stalling every stream the first time.
+_PACK_ALIGN = 2
+
+
+def pack_arrays(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """The arrays as one flat int64 buffer, each starting 16-byte aligned; returns the buffer
+    and each array's start (in elements)."""
+    starts, total = [], 0
+    for a in arrays:
+        starts.append(total)
+        total += -(-a.size // _PACK_ALIGN) * _PACK_ALIGN
+    packed = np.zeros(total, dtype=np.int64)
+    for a, start in zip(arrays, starts):
+        packed[start : start + a.size] = a.reshape(-1)
+    return packed, starts
+
+
 def arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """Several small integer arrays on the device through one pinned buffer and one copy (each
     transfer costs the host tens of microseconds, a step has about ten of them); each comes
     back with its own shape and dtype. On the CPU they are the arrays themselves, uncopied."""
     if device.type != "cuda":
         return [torch.from_numpy(a) for a in arrays]
-    packed = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]).astype(np.int64, copy=False))
-    flat = to_device(packed, device)
-    out, start = [], 0
-    for a in arrays:
+    packed, starts = pack_arrays(arrays)
+    flat = to_device(torch.from_numpy(packed), device)
+    out = []
+    for a, start in zip(arrays, starts):
         part = flat[start : start + a.size].view(a.shape)
         out.append(part if a.dtype == np.int64 else part.to(_torch_dtype(a.dtype)))
-        start += a.size
     return out
 
 
