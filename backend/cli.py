@@ -59,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap-scheduling", action=argparse.BooleanOptionalAction, default=None,
         help="queue each step before the previous one's tokens reach the host "
-        "(default: on with CUDA and no tensor parallelism)",
+        "(default: on with CUDA; with tensor parallelism only when asked)",
     )
 
 

@@ -98,7 +98,8 @@ class EngineConfig:
     # CUDA graphs for decode batches; ignored on CPU.
     enable_cuda_graphs: bool = True
     # Queue step N+1 on the device before step N's ids reach the host (see engine.py). None:
-    # on for CUDA without tensor parallelism, off on the CPU where nothing would overlap.
+    # on for CUDA without tensor parallelism (opt-in with it), off on the CPU where nothing
+    # would overlap.
     overlap_scheduling: bool | None = None
 
     def sharing_device(self, index: int, count: int) -> "EngineConfig":

@@ -120,9 +120,11 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self._num_reading_history = 0  # live requests whose params read earlier tokens
         overlap = config.overlap_scheduling
-        if overlap is None:  # on the CPU the host and the "device" are the same cores
-            overlap = on_cuda
-        self.overlap = overlap and self.runner.can_overlap
+        if overlap is None:
+            # On the CPU the host and the "device" are the same cores. With tensor parallelism
+            # it is opt-in until measured on NCCL (its logic is tested over gloo).
+            overlap = on_cuda and config.parallel.tensor_parallel_size == 1
+        self.overlap = overlap
         self.model_info = ModelInfo(
             name=config.model.served_model_name or loaded.name,
             max_model_len=self.max_model_len,
@@ -326,6 +328,8 @@ class LLMEngine:
         self.last_step = step.info
         try:
             result = step.launched.wait()
+        except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
+            raise
         except Exception as exc:
             for req in step.launched.requests:
                 req.num_pending_outputs -= 1

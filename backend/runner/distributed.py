@@ -222,6 +222,11 @@ class TensorParallelGroup:
         opts.timeout = timeout
         self.control.broadcast([tensor], opts).wait()
 
+    def broadcast_from_rank0(self, tensor: torch.Tensor) -> None:
+        """Rank 0's ``tensor`` into every rank's, over the model's group (NCCL on CUDA: queued
+        on the device in stream order, the host does not wait)."""
+        dist.broadcast(tensor, src=0)
+
     def all_reduce_min(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)

@@ -88,6 +88,9 @@ class LaunchedStep:
     requests: list[Request]  # those whose step samples, in the order of ``sample``'s rows
     sample: DeviceSample | None  # None when the step samples nothing
 
+    # How to wait for the sampled ids' copy to the host (None: a blocking synchronize).
+    wait_for_copy: Callable[[torch.cuda.Event], None] | None = None
+
     def sample_row(self, request: Request) -> int:
         return self._rows[id(request)]
 
@@ -98,16 +101,15 @@ class LaunchedStep:
         """Block until this step's sampled ids are on the host."""
         if self.sample is None:
             return StepResult([], [], [])
-        out = self.sample.to_host()
+        out = self.sample.to_host(self.wait_for_copy)
         return StepResult(self.requests, out.token_ids, out.logprobs)
 
 
 @dataclass
 class DeviceInputs:
-    """Input ids of a step that only the device knows yet: row ``rows[i]`` of the flat batch
-    takes token ``sample_rows[i]`` of the previous step's sampled ids."""
+    """Input ids of a step that only rank 0's device knows yet: the batch's deferred row
+    ``i`` takes token ``sample_rows[i]`` of the previous step's sampled ids."""
 
-    rows: np.ndarray  # [n] int64
     sample_rows: np.ndarray  # [n] int64
     sampled: torch.Tensor  # the previous step's sampled ids, on the device
 
@@ -301,12 +303,6 @@ class ModelRunner:
         self.block_tables.release(request_id)
 
     # -- execution -------------------------------------------------------------------------
-    @property
-    def can_overlap(self) -> bool:
-        """Whether a step may be launched before the previous one's ids reach the host: the
-        other tensor-parallel ranks get their input ids from the host, so not with them."""
-        return self.leader is None
-
     def build_batch(
         self, sched: SchedulerOutput, previous: LaunchedStep | None = None
     ) -> tuple[StepBatch, list[Request], DeviceInputs | None]:
@@ -354,15 +350,12 @@ class ModelRunner:
             seq_lens=np.asarray(seq_lens, dtype=np.int32),
             block_tables=self.block_tables.gather(table_rows, max_blocks),
             sample_rows=np.asarray(sample_rows, dtype=np.int64),
+            deferred_rows=np.asarray(deferred_rows, dtype=np.int64),
         )
         deferred = None
         if deferred_rows:
             assert previous is not None and previous.sample is not None
-            deferred = DeviceInputs(
-                np.asarray(deferred_rows, dtype=np.int64),
-                np.asarray(deferred_from, dtype=np.int64),
-                previous.sample.token_ids,
-            )
+            deferred = DeviceInputs(np.asarray(deferred_from, dtype=np.int64), previous.sample.token_ids)
         return batch, samplers, deferred
 
     @torch.inference_mode()
@@ -375,9 +368,7 @@ class ModelRunner:
             if self.leader is None:
                 logits = self.run_batch(batch, deferred)
             else:
-                if deferred is not None:
-                    raise RuntimeError("tensor-parallel steps need every input id on the host")
-                logits = self._run_with_workers(batch)
+                logits = self._run_with_workers(batch, deferred)
             if logits is None:
                 return LaunchedStep([], None)
             sampling = SamplingBatch.from_requests(
@@ -388,9 +379,10 @@ class ModelRunner:
             )
             sample = self.sampler.sample(logits, sampling)
             sample.start_copy()
-        return LaunchedStep(samplers, sample)
+        wait_for_copy = self._wait_watching_workers if self.leader is not None else None
+        return LaunchedStep(samplers, sample, wait_for_copy)
 
-    def _run_with_workers(self, batch: StepBatch) -> torch.Tensor | None:
+    def _run_with_workers(self, batch: StepBatch, deferred: DeviceInputs | None) -> torch.Tensor | None:
         """Rank 0's half of a tensor-parallel step. Any failure once the batch is out leaves
         the ranks out of step (or one of them gone): the engine cannot go on."""
         assert self.leader is not None and self.group is not None
@@ -398,24 +390,43 @@ class ModelRunner:
         try:
             with self._on_device():
                 self.group.send_step(batch)
-                logits = self.run_batch(batch)
-                if self.device.type == "cuda":  # surface a failed collective here
-                    self._wait_for_step()
-                return logits
+                return self.run_batch(batch, deferred)
         except Exception as exc:
             raise EngineDeadError(self.leader.step_failed(exc)) from exc
 
-    def _wait_for_step(self) -> None:
-        """Wait for the step's kernels while watching the workers. A collective whose peer died
-        never finishes, and NCCL's abort may not free it either: a blocking synchronize would
-        hold the engine thread for good, so this polls and raises EngineDeadError instead."""
-        done = torch.cuda.Event()
-        done.record()
-        pause = _STEP_POLL_FIRST_S
-        while not done.query():
-            self.check_alive()
-            time.sleep(pause)
-            pause = min(2 * pause, _STEP_POLL_MAX_S)
+    def _wait_watching_workers(self, event: torch.cuda.Event) -> None:
+        """Rank 0 waits for a step's sampled ids while watching the workers. A collective whose
+        peer died never finishes, and NCCL's abort may not free it either: a blocking
+        synchronize would hold the engine thread for good, so this polls and raises
+        EngineDeadError instead."""
+        assert self.leader is not None
+        try:
+            pause = _STEP_POLL_FIRST_S
+            while not event.query():
+                self.check_alive()
+                time.sleep(pause)
+                pause = min(2 * pause, _STEP_POLL_MAX_S)
+            self.check_alive()  # an aborted collective also ends its kernels
+        except EngineDeadError:
+            raise
+        except Exception as exc:  # a failed collective surfaces at the first sync after it
+            raise EngineDeadError(self.leader.step_failed(exc)) from exc
+
+    def _deferred_ids(
+        self, deferred: DeviceInputs | None, taken: list[torch.Tensor], n: int
+    ) -> torch.Tensor:
+        """The ids the previous step sampled, for this step's deferred rows. Rank 0 picks them
+        from its sampled ids; with tensor parallelism it broadcasts them to the other ranks on
+        the device, in stream order, so no rank's host waits for them."""
+        if deferred is not None:
+            ids = deferred.sampled.index_select(0, taken[0])
+        else:
+            if self.group is None or self.rank == 0:
+                raise RuntimeError("a step with deferred input ids needs the previous step's sample")
+            ids = torch.empty(n, dtype=torch.int64, device=self.device)
+        if self.group is not None:
+            self.group.broadcast_from_rank0(ids)
+        return ids
 
     def _on_device(self) -> AbstractContextManager[object]:
         """Kernels and NCCL calls use the thread's current device, and the engine thread is not
@@ -425,15 +436,17 @@ class ModelRunner:
     @torch.inference_mode()
     def run_batch(self, batch: StepBatch, deferred: DeviceInputs | None = None) -> torch.Tensor | None:
         """The forward every rank runs for a step: fp32 logits of the sampled rows (None when
-        the step samples nothing). ``deferred`` fills the input ids the host does not know."""
+        the step samples nothing). ``deferred`` (rank 0) fills the input ids the host does not
+        know yet."""
         positions = batch.positions()
         host = [
             batch.slot_mapping(positions, self.block_size), batch.query_start_loc(),
             batch.seq_lens, batch.block_tables, batch.input_ids, positions, batch.sample_rows,
+            batch.deferred_rows,
         ]
         if deferred is not None:
-            host += [deferred.rows, deferred.sample_rows]
-        slots, starts, seq_lens, tables, input_ids, positions_t, sample_rows, *deferred_t = (
+            host.append(deferred.sample_rows)
+        slots, starts, seq_lens, tables, input_ids, positions_t, sample_rows, deferred_rows, *taken = (
             arrays_to_device(host, self.device)
         )
         metadata = AttentionMetadata(
@@ -446,9 +459,8 @@ class ModelRunner:
             query_lens_cpu=batch.query_lens.tolist(),
             seq_lens_cpu=batch.seq_lens.tolist(),
         )
-        if deferred is not None:
-            rows, taken_rows = deferred_t
-            input_ids.index_copy_(0, rows, deferred.sampled.index_select(0, taken_rows))
+        if len(batch.deferred_rows):
+            input_ids.index_copy_(0, deferred_rows, self._deferred_ids(deferred, taken, len(batch.deferred_rows)))
         if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
             hidden = self.decode_graphs.run(input_ids, positions_t, metadata)
         else:

@@ -9,6 +9,7 @@ which needs no cumulative sum and no host round trip.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,9 +180,14 @@ class DeviceSample:
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def to_host(self) -> SamplerOutput:
+    def to_host(self, wait_for: Callable[[torch.cuda.Event], None] | None = None) -> SamplerOutput:
+        """The sampled ids (and logprobs) as Python lists; ``wait_for(event)`` replaces the
+        blocking wait for the copy."""
         if self._copied is not None and self._host is not None:
-            self._copied.synchronize()
+            if wait_for is None:
+                self._copied.synchronize()
+            else:
+                wait_for(self._copied)
             host = self._host
         else:
             host = self._tensors()

@@ -8,12 +8,12 @@ one int64 array behind a fixed-size header of its dimensions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-# (num_tokens, num_seqs, max_blocks, num_sample_rows)
-HEADER_LEN = 4
+# (num_tokens, num_seqs, max_blocks, num_sample_rows, num_deferred_rows)
+HEADER_LEN = 5
 
 
 @dataclass
@@ -23,6 +23,9 @@ class StepBatch:
     seq_lens: np.ndarray  # [num_seqs] int32, context length after this step
     block_tables: np.ndarray  # [num_seqs, max_blocks] int32, padded with 0
     sample_rows: np.ndarray  # [num_samples] int64, token rows whose logits are sampled
+    # [num_deferred] int64: token rows whose input id the previous step is still sampling on
+    # rank 0's device (overlapped scheduling); their input_ids entries are placeholders.
+    deferred_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +53,8 @@ class StepBatch:
     def header(self) -> np.ndarray:
         num_seqs, max_blocks = self.block_tables.shape
         return np.array(
-            [self.num_tokens, num_seqs, max_blocks, len(self.sample_rows)], dtype=np.int64
+            [self.num_tokens, num_seqs, max_blocks, len(self.sample_rows), len(self.deferred_rows)],
+            dtype=np.int64,
         )
 
     def payload(self) -> np.ndarray:
@@ -61,25 +65,29 @@ class StepBatch:
                 self.seq_lens,
                 self.block_tables.reshape(-1),
                 self.sample_rows,
+                self.deferred_rows,
             ]
         ).astype(np.int64, copy=False)
 
     @staticmethod
     def payload_len(header: np.ndarray) -> int:
-        num_tokens, num_seqs, max_blocks, num_samples = (int(x) for x in header)
-        return num_tokens + num_seqs * (2 + max_blocks) + num_samples
+        num_tokens, num_seqs, max_blocks, num_samples, num_deferred = (int(x) for x in header)
+        return num_tokens + num_seqs * (2 + max_blocks) + num_samples + num_deferred
 
     @classmethod
     def unpack(cls, header: np.ndarray, payload: np.ndarray) -> "StepBatch":
-        num_tokens, num_seqs, max_blocks, num_samples = (int(x) for x in header)
-        ends = np.cumsum([num_tokens, num_seqs, num_seqs, num_seqs * max_blocks, num_samples])
+        num_tokens, num_seqs, max_blocks, num_samples, num_deferred = (int(x) for x in header)
+        ends = np.cumsum(
+            [num_tokens, num_seqs, num_seqs, num_seqs * max_blocks, num_samples, num_deferred]
+        )
         if ends[-1] != len(payload):
             raise ValueError(f"step payload has {len(payload)} values, header says {ends[-1]}")
-        ids, qlens, slens, tables, rows, _ = np.split(payload, ends)
+        ids, qlens, slens, tables, rows, deferred, _ = np.split(payload, ends)
         return cls(
             input_ids=ids,
             query_lens=qlens.astype(np.int32),
             seq_lens=slens.astype(np.int32),
             block_tables=tables.astype(np.int32).reshape(num_seqs, max_blocks),
             sample_rows=rows,
+            deferred_rows=deferred,
         )

@@ -1,6 +1,6 @@
 """Tensor parallelism on GPUs, one stage and one split per process (a clean device each time):
 
-    python tests/gpu/tp_bench.py --stage STAGE --tp N --tokenizer DIR --out FILE.json
+    python tests/gpu/tp_bench.py --stage STAGE --tp N --tokenizer DIR --out FILE.json [--overlap on|off]
 
 - bench: random-weight Llama-3-8B (tests/gpu/configs/llama-3-8b) in bf16: output tokens/s for
   256 requests of 512 prompt / 256 output tokens (ignore_eos, greedy), then the decode latency
@@ -10,7 +10,9 @@
 - kill: Llama-3.2-1B in bf16 at TP >= 2: SIGKILL a worker mid-stream; the stream must end in
   EngineDeadError within seconds (the NCCL communicators are aborted, not left to time out).
 
-``tests/gpu/test_tensor_parallel_gpu.py`` runs the stages and compares them. Every process
+``--overlap`` sets overlapped scheduling (default: the engine's own default, which with
+tensor parallelism is off). ``tests/gpu/test_tensor_parallel_gpu.py`` runs the stages and
+compares them. Every process
 started here (and its workers, which inherit the environment) keeps NVLink multicast off.
 """
 
@@ -59,13 +61,14 @@ def model_dir(name: str, tokenizer: Path, work: Path) -> Path:
     return target
 
 
-def stage_bench(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
+def stage_bench(tp: int, tokenizer: Path, work: Path, overlap: bool | None) -> dict[str, Any]:
     from pagedserve import LLM, SamplingParams
     from pagedserve.backend.offline_cli import Workload, bench_pagedserve
 
     directory = model_dir("llama-3-8b", tokenizer, work)
     with LLM(str(directory), load_format="dummy", dtype="bfloat16", max_model_len=4096,
-             max_num_seqs=256, max_num_batched_tokens=8192, tensor_parallel_size=tp) as llm:
+             max_num_seqs=256, max_num_batched_tokens=8192, tensor_parallel_size=tp,
+             overlap_scheduling=overlap) as llm:
         result = bench_pagedserve(llm, Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT))
         prompt = Workload(1, LATENCY_INPUT, 1, seed=7).prompts(llm.engine.vocab_size, set())[0]
         params = SamplingParams(max_tokens=LATENCY_OUTPUT, temperature=0.0, ignore_eos=True,
@@ -78,6 +81,7 @@ def stage_bench(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # after the first token: decode steps
     return {
         "tp": tp,
+        "overlap": llm.engine.overlap,
         "output_tokens_per_s": result.output_tokens_per_s,
         "seconds": result.seconds,
         "output_tokens": result.output_tokens,
@@ -86,7 +90,7 @@ def stage_bench(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def stage_parity(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
+def stage_parity(tp: int, tokenizer: Path, work: Path, overlap: bool | None) -> dict[str, Any]:
     from pagedserve import LLM, SamplingParams
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -97,7 +101,7 @@ def stage_parity(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
     directory = model_dir("llama-3.2-1b", tokenizer, work)
     with LLM(str(directory), load_format="dummy", dtype="float32", max_model_len=2048,
              gpu_memory_utilization=0.5, max_num_batched_tokens=1024,
-             tensor_parallel_size=tp) as llm:
+             tensor_parallel_size=tp, overlap_scheduling=overlap) as llm:
         outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     return {
         "tp": tp,
@@ -106,13 +110,14 @@ def stage_parity(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def stage_kill(tp: int, tokenizer: Path, work: Path) -> dict[str, Any]:
+def stage_kill(tp: int, tokenizer: Path, work: Path, overlap: bool | None) -> dict[str, Any]:
     from pagedserve import LLM, SamplingParams
     from pagedserve.backend.errors import EngineDeadError
 
     directory = model_dir("llama-3.2-1b", tokenizer, work)
     with LLM(str(directory), load_format="dummy", dtype="bfloat16", max_model_len=2048,
-             tensor_parallel_size=tp, distributed_timeout_s=KILL_TIMEOUT_S) as llm:
+             tensor_parallel_size=tp, distributed_timeout_s=KILL_TIMEOUT_S,
+             overlap_scheduling=overlap) as llm:
         pids = llm.engine.runner.leader.worker_pids
         params = SamplingParams(max_tokens=1000, ignore_eos=True, detokenize=False)
         stream = llm.stream(prompt_token_ids=list(range(1000, 1100)), sampling_params=params)
@@ -140,10 +145,12 @@ def main() -> int:
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overlap", choices=("on", "off"), help="overlapped scheduling")
     args = parser.parse_args()
+    overlap = None if args.overlap is None else args.overlap == "on"
     work = Path(tempfile.mkdtemp(prefix="pagedserve-tp-"))
     try:
-        result = STAGES[args.stage](args.tp, args.tokenizer, work)
+        result = STAGES[args.stage](args.tp, args.tokenizer, work, overlap)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["device"] = torch.cuda.get_device_name()

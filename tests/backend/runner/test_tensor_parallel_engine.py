@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.backend.errors import EngineDeadError, ModelLoadError
+from pagedserve.backend.runner.distributed import TensorParallelGroup
 from tests.backend.engine.reference import ReferenceOutput, compare_greedy
 from tests.backend.runner.tp_harness import (
     TP_ENGINE,
@@ -67,6 +69,24 @@ def test_llama_tp2_matches_tp1(
     assert runner.model.num_kv_heads == 1
     assert runner.model.model.embed_tokens.weight.shape[0] == 49152 // 2
     assert runner.model.lm_head.tied
+
+
+def test_overlapped_scheduling_tp2_matches_tp1(
+    tiny_llama_dir: Path, llama_tp1_reference: list[ReferenceOutput], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overlapped scheduling a step's decode inputs are still being sampled on rank 0
+    when the step goes out: rank 0 broadcasts them to the workers in the step itself."""
+    broadcasts: list[int] = []
+    original = TensorParallelGroup.broadcast_from_rank0
+
+    def counted(self: TensorParallelGroup, tensor: torch.Tensor) -> None:
+        broadcasts.append(tensor.numel())
+        original(self, tensor)
+
+    monkeypatch.setattr(TensorParallelGroup, "broadcast_from_rank0", counted)
+    split = _tp1_vs_tp2(tiny_llama_dir, llama_tp1_reference, overlap_scheduling=True)
+    assert split.engine.overlap
+    assert len(broadcasts) > 20 and max(broadcasts) > 1, broadcasts
 
 
 def test_qwen2_tp2_matches_tp1(tiny_qwen2_dir: Path) -> None:
