@@ -78,9 +78,16 @@ def _record(name: str, value: Any) -> None:
 OVERLAP = ["off", "on"]
 
 
+@pytest.fixture(scope="module")
+def tp1_parity(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run("parity", 1, tokenizer_dir, tmp_path_factory.mktemp("tp1"))
+
+
 @pytest.mark.parametrize("overlap", OVERLAP)
-def test_tp2_greedy_tokens_match_tp1_in_fp32(overlap: str, tokenizer_dir: Path, tmp_path: Path) -> None:
-    single = _run("parity", 1, tokenizer_dir, tmp_path)
+def test_tp2_greedy_tokens_match_tp1_in_fp32(
+    overlap: str, tp1_parity: dict[str, Any], tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    single = tp1_parity
     split = _run("parity", 2, tokenizer_dir, tmp_path, overlap)
     refs = [ReferenceOutput(t, g) for t, g in zip(single["token_ids"], single["top2_gaps"])]
     ties = compare_greedy(split["token_ids"], refs)
