@@ -7,7 +7,9 @@ returns one token per request whose step reached the end of its known tokens.
 With tensor parallelism there is one runner per rank, each holding its shard of the model and
 of the KV cache. Rank 0's runner (in the engine process) starts the others
 (``TensorParallelLeader``), builds each step's ``StepBatch`` and sends it to them; every rank
-then runs the same forward (``run_batch``), and rank 0 alone samples.
+then runs the same forward (``run_batch``), and rank 0 alone samples. Input ids that rank 0's
+device is still sampling (overlapped scheduling) reach the other ranks by a device-side
+broadcast inside the step.
 """
 
 from __future__ import annotations
