@@ -96,8 +96,9 @@ class OutputState:
     # Per-request constants, computed once: this runs for every token of every request.
     hold: int  # characters held back while they could still start a stop string
     stop_token_ids: frozenset[int]
-    text: str = ""  # everything decoded so far (stop-string truncation applied at the end)
-    emitted: int = 0  # characters of ``text`` already sent
+    # Decoded text not sent yet: at most ``hold`` characters between tokens. Only this tail is
+    # kept (a stop string can only begin in it), so a token costs the same at any length.
+    pending: str = ""
 
 
 class OutputProcessor:
@@ -138,9 +139,9 @@ class OutputProcessor:
             stop_reason = token_id
         elif params.detokenize:
             delta = state.detokenizer.add(token_id)
-            state.text += delta
+            state.pending += delta
             if params.stop and delta and num_out >= params.min_tokens:
-                found = self._find_stop(state.text, len(delta), params.stop)
+                found = self._find_stop(state.pending, len(delta), params.stop)
                 if found is not None:
                     idx, stop = found
                     request.finish_reason = FinishReason.STOP
@@ -153,14 +154,13 @@ class OutputProcessor:
 
         if request.finish_reason is not None:
             if truncate_at is not None:
-                state.text = state.text[:truncate_at]
+                state.pending = state.pending[:truncate_at]
             elif params.detokenize:
-                state.text += state.detokenizer.flush()
-            end = len(state.text)
+                state.pending += state.detokenizer.flush()
+            text, state.pending = state.pending, ""
         else:
-            end = max(state.emitted, len(state.text) - state.hold)
-        text = state.text[state.emitted : end]
-        state.emitted = end
+            cut = max(0, len(state.pending) - state.hold)
+            text, state.pending = state.pending[:cut], state.pending[cut:]
         return RequestOutputDelta(
             request_id=request.request_id,
             text=text,

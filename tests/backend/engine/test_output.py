@@ -88,6 +88,24 @@ def test_stop_string_across_tokens_is_excluded_and_never_streamed(tokenizer) -> 
         assert "two" not in d.text
 
 
+def test_text_state_stays_bounded_over_a_long_generation(tokenizer) -> None:
+    """Between tokens only the unsent tail is kept (at most the longest stop string minus one
+    character), so a token costs the same however long the output has grown."""
+    rng = random.Random(5)
+    ids = [rng.randrange(1000, 40000) for _ in range(3000)]
+    stop = "<never seen>"
+    proc = OutputProcessor(tokenizer, max_model_len=10_000)
+    params = SamplingParams(max_tokens=len(ids), stop=[stop])
+    request = Request("r", [1], params, eos_token_ids=frozenset({EOS}))
+    proc.add_request(request)
+    deltas = []
+    for t in ids:
+        deltas.append(proc.process_token(request, t, None))
+        assert len(proc.states["r"].pending) <= len(stop) - 1
+    assert deltas[-1].finish_reason is FinishReason.LENGTH
+    assert "".join(d.text for d in deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def test_stop_string_included_when_asked(tokenizer) -> None:
     ids = tokenizer.encode("alpha beta gamma delta", add_special_tokens=False)
     _, deltas = feed(tokenizer, ids, stop=["gam"], include_stop_str_in_output=True)
