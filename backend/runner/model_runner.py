@@ -415,13 +415,14 @@ class ModelRunner:
             raise EngineDeadError(self.leader.step_failed(exc)) from exc
 
     def _deferred_ids(
-        self, deferred: DeviceInputs | None, taken: list[torch.Tensor], n: int
+        self, deferred: DeviceInputs | None, taken_rows: torch.Tensor | None, n: int
     ) -> torch.Tensor:
         """The ids the previous step sampled, for this step's deferred rows. Rank 0 picks them
         from its sampled ids; with tensor parallelism it broadcasts them to the other ranks on
         the device, in stream order, so no rank's host waits for them."""
         if deferred is not None:
-            ids = deferred.sampled.index_select(0, taken[0])
+            assert taken_rows is not None
+            ids = deferred.sampled.index_select(0, taken_rows)
         else:
             if self.group is None or self.rank == 0:
                 raise RuntimeError("a step with deferred input ids needs the previous step's sample")
@@ -451,6 +452,7 @@ class ModelRunner:
         slots, starts, seq_lens, tables, input_ids, positions_t, sample_rows, deferred_rows, *taken = (
             arrays_to_device(host, self.device)
         )
+        taken_rows = taken[0] if taken else None  # device copy of deferred.sample_rows
         metadata = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=starts,
@@ -462,7 +464,7 @@ class ModelRunner:
             seq_lens_cpu=batch.seq_lens.tolist(),
         )
         if len(batch.deferred_rows):
-            input_ids.index_copy_(0, deferred_rows, self._deferred_ids(deferred, taken, len(batch.deferred_rows)))
+            input_ids.index_copy_(0, deferred_rows, self._deferred_ids(deferred, taken_rows, len(batch.deferred_rows)))
         if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
             hidden = self.decode_graphs.run(input_ids, positions_t, metadata)
         else:
