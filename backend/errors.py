@@ -13,6 +13,11 @@ class InvalidRequestError(PagedServeError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from both arguments: the engine process sends these errors to the server's.
+        return type(self), (self.field, self.message)
 
 
 class RequestTooLongError(InvalidRequestError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,8 @@ from pagedserve.backend.engine.request import (
     RequestStatus,
 )
 from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
-from pagedserve.backend.errors import EngineDeadError, InvalidRequestError, RequestTooLongError
+from pagedserve.backend.engine.request_builder import RequestBuilder
+from pagedserve.backend.errors import EngineDeadError, InvalidRequestError
 from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -134,23 +134,21 @@ class LLMEngine:
             device=str(self.runner.device),
             eos_token_ids=sorted(self.eos_token_ids),
         )
+        self.builder = RequestBuilder(
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+            block_size=config.cache.block_size,
+            num_blocks=self.block_manager.num_blocks,
+        )
 
     # -- admission -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.builder.tokenize(text, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not messages:
-            raise InvalidRequestError("messages", "must not be empty")
-        for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise InvalidRequestError(
-                    "messages", f"message {i}: role must be system, user or assistant"
-                )
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.builder.render_chat(messages)
 
     def make_request(
         self,
@@ -161,52 +159,11 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> Request:
         """Validate and tokenize; raises a typed error naming the bad field."""
-        if request_id is None or request_id == "":
-            request_id = uuid.uuid4().hex
-        elif request_id in self.requests:
+        if request_id and request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        if prompt_token_ids is None:
-            if prompt is None or prompt == "":
-                raise InvalidRequestError("prompt", "must not be empty")
-            prompt_token_ids = self.tokenize(prompt)
-        else:
-            prompt_token_ids = list(prompt_token_ids)
-            if not prompt_token_ids:
-                raise InvalidRequestError("prompt_token_ids", "must not be empty")
-            bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    "prompt_token_ids", f"ids must be in [0, {self.vocab_size}); got {bad[0]}"
-                )
-        params.validate(self.vocab_size)
-        self._check_fits(len(prompt_token_ids), params.max_tokens)
-        return Request(
-            request_id=request_id,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            eos_token_ids=self.eos_token_ids,
+        return self.builder.build(
+            prompt=prompt, prompt_token_ids=prompt_token_ids, params=params, request_id=request_id
         )
-
-    def _check_fits(self, num_prompt: int, max_tokens: int) -> None:
-        limit = self.max_model_len
-        if num_prompt >= limit:
-            raise RequestTooLongError(
-                "prompt", f"{num_prompt} tokens leave no room in the model's context of {limit}"
-            )
-        if num_prompt + max_tokens > limit:
-            raise RequestTooLongError(
-                "max_tokens",
-                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {limit} tokens",
-            )
-        bm = self.block_manager
-        needed = bm.blocks_needed(num_prompt + max_tokens)
-        if needed > bm.num_blocks:
-            raise RequestTooLongError(
-                "max_tokens",
-                f"prompt + max_tokens need {needed} KV blocks but the whole cache has "
-                f"{bm.num_blocks}",
-            )
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)  # may raise QueueFullError
