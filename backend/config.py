@@ -177,4 +177,9 @@ class ServerConfig:
     stream_interval: int = 1
     # How often the server checks that the engine loop is alive (health NOT_SERVING if not).
     engine_check_interval_s: float = 1.0
+    # Run the engine loop in a process of its own, so it does not share the interpreter lock
+    # with the gRPC event loop. None: on when the engine runs on CUDA (where that lock, not
+    # the device, limits a server streaming to many clients), off on the CPU (where the host
+    # cores run the model and a second process would compete for them).
+    engine_process: bool | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

@@ -1,9 +1,10 @@
 """The asyncio front of the engine: requests in, async iterators of deltas out.
 
-The step loop runs in a dedicated thread, so a slow model step never stalls the event loop
-(gRPC I/O, health checks, cancellations). The loop thread owns every piece of engine state;
-the event loop talks to it only through a thread-safe inbox (adds, aborts) and receives each
-step's deltas with one ``call_soon_threadsafe``.
+The step loop runs off the event loop, so a slow model step never stalls gRPC I/O, health
+checks or cancellations: on a thread of this process, or in a process of its own
+(``engine_process=True``; see ``engine_process.py`` for why). The loop owns every piece of
+engine state; the front builds and validates requests, sends adds and aborts, and receives each
+step's deltas, handed to each event loop with one ``call_soon_threadsafe``.
 
 Each request's undelivered deltas wait in a mailbox that merges them: a stream read slower than
 steps arrive (a busy event loop, a slow client) gets its next message with every token made
@@ -14,15 +15,15 @@ keeps a server's gRPC work per token falling as the batch grows.
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, StepInfo
+from pagedserve.backend.engine.engine_loop import EngineSink, EngineThread
 from pagedserve.backend.engine.request import Request, RequestOutputDelta
+from pagedserve.backend.engine.request_builder import RequestBuilder
 from pagedserve.backend.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -31,7 +32,8 @@ from pagedserve.backend.errors import (
 )
 from pagedserve.backend.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
+# How long shutdown waits for the engine loop to end its requests and stop.
+SHUTDOWN_TIMEOUT_S = 30.0
 
 StepListener = Callable[[StepInfo], None]
 OutputListener = Callable[[list[RequestOutputDelta]], None]
@@ -96,52 +98,90 @@ def _put_all(items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]]) -
         mailbox.put(item)
 
 
+class EngineHandle(Protocol):
+    """Where the step loop runs: ``EngineThread`` or ``EngineProcess``."""
+
+    engine: LLMEngine | None  # the engine object itself, when it lives in this process
+    model_info: ModelInfo
+    builder: RequestBuilder
+    max_queued_requests: int
+    initial_load: LoadInfo
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    def start(self, sink: EngineSink) -> None: ...
+
+    def add(self, request: Request) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def shutdown(self, timeout_s: float) -> None: ...
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, stream_interval: int = 1) -> None:
+    """The event loops' side of the engine, and the sink of its step loop."""
+
+    def __init__(self, handle: EngineHandle, stream_interval: int = 1) -> None:
         """``stream_interval``: tokens each delta of a stream carries after its first (the last
         may carry fewer); see ``ServerConfig.stream_interval``."""
         self._stream_interval = _checked_interval(stream_interval)
-        self.engine = engine
-        self.model_info: ModelInfo = engine.model_info
-        self.tokenizer = engine.tokenizer
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = False
+        self._handle = handle
+        self.model_info: ModelInfo = handle.model_info
+        self._builder = handle.builder
+        self.tokenizer = handle.builder.tokenizer
         self._streams: dict[str, _Mailbox] = {}
         self._lock = threading.Lock()  # guards _streams and the counters below
         self._pending_adds = 0
-        self._load: LoadInfo = engine.get_load()
-        self._error: BaseException | None = None
+        self._load: LoadInfo = handle.initial_load
+        self._error: EngineDeadError | None = None
         self._step_listeners: list[StepListener] = []
         self._output_listeners: list[OutputListener] = []
-        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
-        self._thread.start()
-        engine.add_failure_listener(self._engine_failed)
+        handle.start(self)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, stream_interval: int = 1) -> "AsyncEngine":
-        """Blocking: loads the model and starts the engine thread."""
+    def from_config(
+        cls, config: EngineConfig, stream_interval: int = 1, *, engine_process: bool = False
+    ) -> "AsyncEngine":
+        """Blocking: loads the model and starts the step loop, in a process of its own when
+        ``engine_process``, else on a thread of this one."""
         _checked_interval(stream_interval)  # before the (slow) model load
-        return cls(LLMEngine(config), stream_interval)
+        if engine_process:
+            from pagedserve.backend.engine.engine_process import EngineProcess
+
+            return cls(EngineProcess(config), stream_interval)
+        return cls(EngineThread(LLMEngine(config)), stream_interval)
 
     # -- public API (event-loop side) --------------------------------------------------------
     @property
+    def engine(self) -> LLMEngine | None:
+        """The engine itself when its loop runs on a thread of this process (in-process tools
+        and tests inspect it), else None."""
+        return self._handle.engine
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's id, or None when the loop runs in this process."""
+        return getattr(self._handle, "pid", None)
+
+    @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        return self._handle.is_alive and self._error is None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.engine.tokenize(text, add_special_tokens)
+        return self._builder.tokenize(text, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.engine.render_chat(messages)
+        return self._builder.render_chat(messages)
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """``listener(StepInfo)`` is called from the engine thread after every step."""
+        """``listener(StepInfo)`` is called after every step, before its deltas are delivered,
+        on the thread that receives them from the loop."""
         self._step_listeners.append(listener)
 
     def add_output_listener(self, listener: OutputListener) -> None:
-        """``listener(deltas)`` is called from the engine thread with every batch of deltas it
-        delivers, including the final deltas of requests whose stream was closed (aborts)."""
+        """``listener(deltas)`` is called with every batch of deltas the loop delivers,
+        including the final deltas of requests whose stream was closed (aborts)."""
         self._output_listeners.append(listener)
 
     def get_load(self) -> LoadInfo:
@@ -160,22 +200,21 @@ class AsyncEngine:
         Closing or cancelling the iterator aborts the request and frees its blocks.
         """
         if not self.is_alive:
-            raise EngineDeadError(f"the engine has stopped: {self._error}")
+            raise EngineDeadError(str(self._error or "the engine has stopped"))
         with self._lock:
             if request_id and request_id in self._streams:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-            limit = self.engine.config.scheduler.max_queued_requests
+            limit = self._handle.max_queued_requests
             if self._load.num_waiting + self._pending_adds >= limit:
                 raise QueueFullError(f"the waiting queue is full ({limit} requests)")
-            request = self.engine.make_request(
+            request = self._builder.build(
                 prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
                 request_id=request_id,
             )
             mailbox = _Mailbox(asyncio.get_running_loop(), self._stream_interval)
             self._streams[request.request_id] = mailbox
             self._pending_adds += 1
-        self._inbox.put(("add", request))
-        self._wake.set()
+        self._handle.add(request)
         return self._stream(request, mailbox)
 
     async def _stream(
@@ -200,74 +239,30 @@ class AsyncEngine:
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        self._handle.abort(request_id)
 
     def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.engine.shutdown()
+        """Stop the loop (running requests end as aborted, streams fail) and wait for it."""
+        self._handle.shutdown(SHUTDOWN_TIMEOUT_S)
 
-    def _engine_failed(self, reason: str) -> None:
-        """A tensor-parallel worker died: fail every request now, even while the loop thread
-        is still inside a step that can no longer finish."""
-        self._error = EngineDeadError(reason)
-        self._fail_all(EngineDeadError(f"the engine has stopped: {reason}"))
-        self._wake.set()
-
-    # -- engine thread -------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while not self._stop:
-                if self._drain_inbox():
-                    self._load = self.engine.get_load()
-                if not self.engine.has_unfinished():
-                    self._wake.wait(timeout=1.0)
-                    self._wake.clear()
-                    continue
-                deltas = self.engine.step()
-                self._load = self.engine.get_load()
-                # Listeners before delivery: a client that saw a token can count on telemetry
-                # having the step that made it.
-                if self._step_listeners and self.engine.last_step is not None:
-                    for listener in self._step_listeners:
-                        listener(self.engine.last_step)
-                self._deliver(deltas)
-        except BaseException as exc:  # the loop itself broke: fail everyone, clearly
-            logger.exception("engine loop died")
-            self._error = exc
-            self._fail_all(EngineDeadError(f"the engine loop died: {exc}"))
+    # -- the loop's sink (called from the thread that runs or reads the loop) -----------------
+    def deliver(
+        self,
+        deltas: list[RequestOutputDelta],
+        step: StepInfo | None,
+        load: LoadInfo,
+        adds_taken: int,
+    ) -> None:
+        with self._lock:
+            self._pending_adds -= adds_taken
+            self._load = load
+        # Listeners before delivery: a client that saw a token can count on telemetry having
+        # the step that made it.
+        if step is not None:
+            for step_listener in self._step_listeners:
+                step_listener(step)
+        if not deltas:
             return
-        for request_id in list(self.engine.requests):
-            delta = self.engine.abort(request_id)
-            if delta is not None:
-                self._deliver([delta])
-        self._fail_all(EngineDeadError("the engine has shut down"))
-
-    def _drain_inbox(self) -> bool:
-        """Apply queued adds and aborts; returns whether there were any."""
-        drained = False
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return drained
-            drained = True
-            if kind == "add":
-                with self._lock:
-                    self._pending_adds -= 1
-                try:
-                    self.engine.add_request(item)
-                except PagedServeError as exc:
-                    self._send(item.request_id, exc)
-            else:
-                delta = self.engine.abort(item)
-                if delta is not None:
-                    self._deliver([delta])
-
-    def _deliver(self, deltas: list[RequestOutputDelta]) -> None:
-        # Listeners first, for the same reason as step listeners.
         for listener in self._output_listeners:
             listener(deltas)
         with self._lock:
@@ -275,15 +270,19 @@ class AsyncEngine:
             items = [(streams[d.request_id], d) for d in deltas if d.request_id in streams]
         self._post(items)
 
-    def _send(self, request_id: str, item: RequestOutputDelta | BaseException) -> None:
+    def reject(self, request_id: str, error: PagedServeError) -> None:
         with self._lock:
             mailbox = self._streams.get(request_id)
         if mailbox is not None:
-            self._post([(mailbox, item)])
+            self._post([(mailbox, error)])
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def fail(self, error: EngineDeadError) -> None:
+        if self._error is None:
+            self._error = error
         with self._lock:
-            items = [(mailbox, exc) for mailbox in self._streams.values()]
+            items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]] = [
+                (mailbox, error) for mailbox in self._streams.values()
+            ]
         self._post(items)
 
     @staticmethod

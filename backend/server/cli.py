@@ -41,6 +41,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="tokens in each streamed message after the first (the last may have fewer); "
         "higher trades smoothness for throughput under many streams",
     )
+    group.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.engine_process,
+        help="run the engine loop in a process of its own (default: on with CUDA, off on CPU)",
+    )
     add_telemetry_args(parser)
 
 
@@ -59,6 +65,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         warmup=args.warmup,
         stream_interval=args.stream_interval,
+        engine_process=args.engine_process,
         telemetry=telemetry_config_from_args(args),
     )
 

@@ -121,6 +121,15 @@ async def warm_up(engine: "AsyncEngine") -> None:
         pass
 
 
+def wants_engine_process(config: ServerConfig, engine_config: EngineConfig) -> bool:
+    """``config.engine_process``, its default resolved: on when the engine runs on CUDA."""
+    if config.engine_process is not None:
+        return config.engine_process
+    from pagedserve.backend.runner.model_runner import resolve_device
+
+    return resolve_device(engine_config.model.device).type == "cuda"
+
+
 async def load_engine(
     state: ServerState, engine_config: EngineConfig, config: ServerConfig
 ) -> None:
@@ -129,7 +138,10 @@ async def load_engine(
 
     try:
         engine = await asyncio.to_thread(
-            AsyncEngine.from_config, engine_config, stream_interval=config.stream_interval
+            AsyncEngine.from_config,
+            engine_config,
+            stream_interval=config.stream_interval,
+            engine_process=wants_engine_process(config, engine_config),
         )
         if config.warmup:
             await warm_up(engine)

@@ -1,4 +1,6 @@
-"""The asyncio front: concurrent streams, cancellation, queue limit, step off the event loop."""
+"""The asyncio front: concurrent streams, cancellation, queue limit, step off the event loop.
+
+Every test runs with the step loop on a thread and in a process of its own."""
 
 from __future__ import annotations
 
@@ -15,12 +17,20 @@ from pagedserve.backend.engine.request import FinishReason
 from pagedserve.backend.errors import QueueFullError
 
 
+LOOP_PLACES = ["thread", "process"]
+
+
+@pytest.fixture(scope="module", params=LOOP_PLACES)
+def engine_process(request) -> bool:
+    return request.param == "process"
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
+def engine(tiny_llama_dir, engine_process):
     config = EngineConfig.from_kwargs(
         model=str(tiny_llama_dir), device="cpu", num_blocks=96, max_queued_requests=64
     )
-    eng = AsyncEngine.from_config(config)
+    eng = AsyncEngine.from_config(config, engine_process=engine_process)
     yield eng
     eng.shutdown()
 
@@ -95,11 +105,11 @@ async def test_task_cancellation_aborts(engine) -> None:
     await wait_all_free(engine)
 
 
-async def test_queue_limit_raises_queue_full(tiny_llama_dir) -> None:
+async def test_queue_limit_raises_queue_full(tiny_llama_dir, engine_process) -> None:
     config = EngineConfig.from_kwargs(
         model=str(tiny_llama_dir), device="cpu", max_queued_requests=2, max_num_seqs=1
     )
-    eng = AsyncEngine.from_config(config)
+    eng = AsyncEngine.from_config(config, engine_process=engine_process)
     try:
         params = SamplingParams(max_tokens=200, ignore_eos=True)
         streams = []
@@ -126,17 +136,20 @@ async def test_event_loop_stays_responsive_during_steps(engine) -> None:
     assert worst < 0.5, f"event loop stalled for {worst:.3f}s"
 
 
-async def test_stream_interval_sends_the_first_token_at_once_then_groups(tiny_llama_dir) -> None:
+async def test_stream_interval_sends_the_first_token_at_once_then_groups(
+    tiny_llama_dir, engine_process
+) -> None:
     """With stream_interval 4 the first delta still carries the first token alone (time to
     first token unchanged), every later one but the last at least 4 tokens."""
     config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), device="cpu", num_blocks=96)
-    eng = AsyncEngine.from_config(config, stream_interval=4)
+    eng = AsyncEngine.from_config(config, stream_interval=4, engine_process=engine_process)
     first_taken = threading.Event()
     steps = 0
 
     def hold_second_step(_info) -> None:
-        # Runs on the engine thread before a step's deltas go out: the second token cannot
-        # reach the mailbox before the test has taken the first.
+        # Runs before a step's deltas go out (on the engine thread, or on the thread that
+        # reads them from the engine process): the second token cannot reach the mailbox
+        # before the test has taken the first.
         nonlocal steps
         steps += 1
         if steps == 2:

@@ -56,9 +56,9 @@ def gated_model_loading(
     gate = threading.Event()
     load = AsyncEngine.from_config
 
-    def gated(config: EngineConfig, stream_interval: int = 1) -> AsyncEngine:
+    def gated(config: EngineConfig, stream_interval: int = 1, **options: Any) -> AsyncEngine:
         assert gate.wait(timeout_s), "test never released model loading"
-        return load(config, stream_interval)
+        return load(config, stream_interval, **options)
 
     monkeypatch.setattr(AsyncEngine, "from_config", staticmethod(gated))
     try:

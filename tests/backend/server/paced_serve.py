@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 from collections.abc import Sequence
 
 from pagedserve.backend.cli import main as pagedserve_main
@@ -25,8 +26,8 @@ def pace_engine_steps(delay_s: float) -> None:
     """Every engine built from now on sleeps ``delay_s`` after each step, on its loop thread."""
     build = AsyncEngine.from_config
 
-    def paced(config: EngineConfig, stream_interval: int = 1) -> AsyncEngine:
-        engine = build(config, stream_interval)
+    def paced(config: EngineConfig, stream_interval: int = 1, **options: Any) -> AsyncEngine:
+        engine = build(config, stream_interval, **options)
 
         def pause(_: StepInfo) -> None:
             time.sleep(delay_s)

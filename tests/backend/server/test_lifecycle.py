@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +111,28 @@ def test_dead_engine_turns_health_not_serving(tiny_llama_dir: Path) -> None:
             engine = server.state.engine
             assert engine is not None
             engine.shutdown()
+            wait_for(lambda: client.health() == NOT_SERVING, 5, "health to follow the engine")
+            with pytest.raises(grpc.RpcError) as info:
+                client.complete("Hi", max_tokens=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_killed_engine_process_fails_streams_unavailable_and_health(tiny_llama_dir: Path) -> None:
+    """With the engine in its own process, its death reaches clients as UNAVAILABLE (another
+    replica can serve them) and health turns NOT_SERVING; the server process lives on."""
+    with _server(tiny_llama_dir, engine_check_interval_s=0.05, engine_process=True) as server:
+        server.wait_ready()
+        engine = server.state.engine
+        assert engine is not None and engine.engine_pid is not None
+        with GenerationClient(server.address) as client:
+            assert client.health() == SERVING
+            stream = iter(client.generate("Keep going", max_tokens=400, ignore_eos=True))
+            next(stream)
+            os.kill(engine.engine_pid, signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stream)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "exited unexpectedly" in info.value.details()
             wait_for(lambda: client.health() == NOT_SERVING, 5, "health to follow the engine")
             with pytest.raises(grpc.RpcError) as info:
                 client.complete("Hi", max_tokens=2)

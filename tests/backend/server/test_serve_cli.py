@@ -24,12 +24,29 @@ def _engine_flags() -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
 
 
-@pytest.fixture
-def serve_process(tiny_llama_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def _children(pid: int) -> set[int]:
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    return children
+
+
+def _exited(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+@pytest.fixture(params=["--no-engine-process", "--engine-process"])
+def serve_process(
+    tiny_llama_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[subprocess.Popen[str], str, bool]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--model", str(tiny_llama_dir),
          "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--drain-timeout", "10",
-         *_engine_flags()],
+         request.param, *_engine_flags()],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -46,7 +63,7 @@ def serve_process(tiny_llama_dir: Path) -> Iterator[tuple[subprocess.Popen[str],
         assert time.monotonic() < deadline, "serve did not start listening"
     assert address is not None, "serve exited before listening"
     try:
-        yield process, address
+        yield process, address, request.param == "--engine-process"
     finally:
         if process.poll() is None:
             process.kill()
@@ -54,11 +71,13 @@ def serve_process(tiny_llama_dir: Path) -> Iterator[tuple[subprocess.Popen[str],
 
 
 def test_serve_answers_then_drains_on_sigterm(
-    serve_process: tuple[subprocess.Popen[str], str],
+    serve_process: tuple[subprocess.Popen[str], str, bool],
 ) -> None:
-    process, address = serve_process
+    process, address, engine_process = serve_process
     with GenerationClient(address) as client:
         client.wait_until_serving(START_TIMEOUT_S)
+        children = _children(process.pid)
+        assert len(children) == (1 if engine_process else 0), children
         info = client.model_info()
         assert info.model_name == "tiny-llama"
         stream = iter(client.generate("Hello", max_tokens=24, ignore_eos=True, temperature=0.0))
@@ -68,3 +87,4 @@ def test_serve_answers_then_drains_on_sigterm(
         rest = list(stream)
     assert sum(len(r.token_ids) for r in [first, *rest]) == 24
     assert process.wait(60) == 0
+    assert all(_exited(pid) for pid in children), "a child of the server outlived it"

@@ -59,13 +59,18 @@ class TracedServer:
 
 
 @contextmanager
-def traced_server(model_dir: Path, **engine_kwargs: Any) -> Iterator[TracedServer]:
+def traced_server(
+    model_dir: Path, *, engine_process: bool | None = None, **engine_kwargs: Any
+) -> Iterator[TracedServer]:
     exporter = InMemorySpanExporter()
     provider = new_tracer_provider(SimpleSpanProcessor(exporter))
     config = TelemetryConfig(metrics_port=0)
     telemetry = ServerTelemetry(config, provider)
     server = BackgroundServer(
-        ServerConfig(host="127.0.0.1", port=0, drain_timeout_s=5.0, telemetry=config),
+        ServerConfig(
+            host="127.0.0.1", port=0, drain_timeout_s=5.0, telemetry=config,
+            engine_process=engine_process,
+        ),
         EngineConfig.from_kwargs(model=str(model_dir), **{**TINY_ENGINE, **engine_kwargs}),
         telemetry=telemetry,
     )
@@ -83,12 +88,29 @@ def traced(tiny_llama_dir: Path) -> Iterator[TracedServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def traced_engine_process(tiny_llama_dir: Path) -> Iterator[TracedServer]:
+    with traced_server(tiny_llama_dir, engine_process=True) as server:
+        yield server
+
+
+def _emptied(server: TracedServer) -> TracedServer:
+    server.spans()
+    server.exporter.clear()
+    return server
+
+
 @pytest.fixture
 def fresh(traced: TracedServer) -> TracedServer:
     """The module's server with an empty exporter."""
-    traced.spans()
-    traced.exporter.clear()
-    return traced
+    return _emptied(traced)
+
+
+@pytest.fixture(params=["engine thread", "engine process"])
+def fresh_either(request: pytest.FixtureRequest) -> TracedServer:
+    """``fresh``, with the engine loop on a thread of the server or in its own process."""
+    name = "traced" if request.param == "engine thread" else "traced_engine_process"
+    return _emptied(request.getfixturevalue(name))
 
 
 def by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:

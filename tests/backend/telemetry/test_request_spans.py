@@ -52,7 +52,8 @@ def _assert_phases_tile(server_span: ReadableSpan, phases: dict[str, ReadableSpa
         assert span.kind == SpanKind.INTERNAL
 
 
-def test_finished_stream_is_one_trace_from_the_client_span(fresh: TracedServer) -> None:
+def test_finished_stream_is_one_trace_from_the_client_span(fresh_either: TracedServer) -> None:
+    fresh = fresh_either
     with GenerationClient(fresh.address, tracer_provider=fresh.provider) as client:
         call = client.generate(
             "Tell me", max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.5, top_p=0.9,
@@ -241,7 +242,8 @@ def test_refused_request_ends_at_once_without_phases(fresh: TracedServer) -> Non
     assert steps_linking(spans, server_span) == []
 
 
-def test_concurrent_requests_share_steps_through_links(fresh: TracedServer) -> None:
+def test_concurrent_requests_share_steps_through_links(fresh_either: TracedServer) -> None:
+    fresh = fresh_either
     count = 4
     with GenerationClient(fresh.address) as client:
         threads = [
