@@ -108,6 +108,10 @@ class EngineHandle(Protocol):
     initial_load: LoadInfo
 
     @property
+    def pid(self) -> int | None:
+        """The engine process's id; None when the loop runs in this process."""
+
+    @property
     def is_alive(self) -> bool: ...
 
     def start(self, sink: EngineSink) -> None: ...
@@ -162,7 +166,7 @@ class AsyncEngine:
     @property
     def engine_pid(self) -> int | None:
         """The engine process's id, or None when the loop runs in this process."""
-        return getattr(self._handle, "pid", None)
+        return self._handle.pid
 
     @property
     def is_alive(self) -> bool:

@@ -145,6 +145,10 @@ class EngineThread:
         self._thread.start()
 
     @property
+    def pid(self) -> None:
+        return None  # this process
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

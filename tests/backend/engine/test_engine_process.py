@@ -32,6 +32,7 @@ from pagedserve.backend.errors import (
     PagedServeError,
     RequestTooLongError,
 )
+from tests.backend.runner.tp_harness import assert_gone
 
 EXIT_TIMEOUT_S = 30.0
 
@@ -45,20 +46,6 @@ def process_engine(tiny_llama_dir):
     eng = AsyncEngine.from_config(_config(tiny_llama_dir), engine_process=True)
     yield eng
     eng.shutdown()
-
-
-def _gone(pid: int, timeout_s: float) -> bool:
-    """Whether process ``pid`` has exited (or is a zombie) within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_request_errors_survive_pickling() -> None:
@@ -166,7 +153,7 @@ async def test_shutdown_ends_running_streams_and_the_process(tiny_llama_dir) -> 
     # The stream ends with its abort, as a client-visible final message, not an error.
     deltas = [d async for d in stream]
     assert deltas and deltas[-1].finished and deltas[-1].finish_reason is FinishReason.ABORT
-    assert _gone(pid, EXIT_TIMEOUT_S)
+    assert_gone([pid], EXIT_TIMEOUT_S)
     assert not eng.is_alive
     with pytest.raises(EngineDeadError, match="shut down"):
         eng.generate(prompt="after", params=SamplingParams(max_tokens=2))
@@ -202,4 +189,4 @@ def test_the_engine_process_exits_when_the_server_process_is_gone(tiny_llama_dir
     )
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout.split()[-1])
-    assert _gone(pid, EXIT_TIMEOUT_S), f"engine process {pid} outlived its server"
+    assert_gone([pid], EXIT_TIMEOUT_S)  # it outlived its server otherwise

@@ -59,11 +59,24 @@ def _stream(client: GenerationClient, prompt: list[int], max_tokens: int) -> Ref
     return ReferenceOutput(tokens, gaps)
 
 
+def _worker_of(pid: int) -> psutil.Process:
+    """The one tensor-parallel worker below process ``pid`` (its child, or its grandchild
+    through the engine process)."""
+    (worker,) = [
+        p for p in psutil.Process(pid).children(recursive=True)
+        if "pagedserve.backend.runner.worker" in p.cmdline()
+    ]
+    return worker
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine thread", "engine process"])
 def test_server_streams_tp1_tokens_then_fails_cleanly_when_a_worker_dies(
-    tiny_llama_dir: Path, llama_tp1_reference: list[ReferenceOutput]
+    tiny_llama_dir: Path, llama_tp1_reference: list[ReferenceOutput], engine_process: bool
 ) -> None:
     prompts, params = mixed_prompts(), mixed_params()
-    with running_server(tiny_llama_dir, tensor_parallel_size=2, **TP_ENGINE) as server:
+    with running_server(
+        tiny_llama_dir, engine_process=engine_process, tensor_parallel_size=2, **TP_ENGINE
+    ) as server:
         with GenerationClient(server.address) as client:
             assert client.health() == SERVING
             # All 8 at once, so prefill chunks and decodes share steps as in the reference.
@@ -75,7 +88,7 @@ def test_server_streams_tp1_tokens_then_fails_cleanly_when_a_worker_dies(
 
             engine = server.state.engine
             assert engine is not None
-            (pid,) = engine.engine.runner.leader.worker_pids
+            pid = _worker_of(engine.engine_pid or os.getpid()).pid
             call = client.generate("Keep going", max_tokens=200, ignore_eos=True)
             stream = iter(call)
             next(stream)
@@ -93,14 +106,16 @@ def test_server_streams_tp1_tokens_then_fails_cleanly_when_a_worker_dies(
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def _serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(
+    model_dir: Path, log: Path, engine_process_flag: str
+) -> tuple[subprocess.Popen[bytes], str]:
     """``pagedserve serve --tensor-parallel-size 2`` as a process; returns it and its address."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TP_ENGINE.items()]
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--model", str(model_dir),
              "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--drain-timeout", "10",
-             "--tensor-parallel-size", "2", *flags],
+             "--tensor-parallel-size", "2", engine_process_flag, *flags],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -114,20 +129,23 @@ def _serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.1)
 
 
-@pytest.fixture
+@pytest.fixture(params=["--no-engine-process", "--engine-process"])
 def serve_process(
-    tiny_llama_dir: Path, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
-    """A serving TP=2 server process, its address and its worker's pid."""
-    process, address = _serve(tiny_llama_dir, tmp_path / "serve.log")
+    tiny_llama_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[subprocess.Popen[bytes], str, list[int]]]:
+    """A serving TP=2 server process, its address and the pids of every process below it
+    (the worker, and the engine process when it has one)."""
+    process, address = _serve(tiny_llama_dir, tmp_path / "serve.log", request.param)
     try:
         with GenerationClient(address) as client:
             client.wait_until_serving(START_TIMEOUT_S)
             reply = client.complete("Hello", max_tokens=4, ignore_eos=True, temperature=0.0)
             assert reply.usage.completion_tokens == 4
-        (worker,) = psutil.Process(process.pid).children()
-        assert "pagedserve.backend.runner.worker" in worker.cmdline()
-        yield process, address, worker.pid
+        worker = _worker_of(process.pid)
+        below = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+        assert worker.pid in below
+        assert len(below) == (2 if request.param == "--engine-process" else 1), below
+        yield process, address, below
     finally:
         if process.poll() is None:
             process.kill()
@@ -135,19 +153,20 @@ def serve_process(
 
 
 def test_serve_process_stops_its_worker_on_sigterm(
-    serve_process: tuple[subprocess.Popen[bytes], str, int],
+    serve_process: tuple[subprocess.Popen[bytes], str, list[int]],
 ) -> None:
-    process, _, worker_pid = serve_process
+    process, _, below = serve_process
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
-    assert_gone([worker_pid])
+    assert_gone(below)
 
 
 def test_killed_serve_process_leaves_no_orphan_worker(
-    serve_process: tuple[subprocess.Popen[bytes], str, int],
+    serve_process: tuple[subprocess.Popen[bytes], str, list[int]],
 ) -> None:
-    process, _, worker_pid = serve_process
+    process, _, below = serve_process
     process.kill()
     process.wait(30)
-    # Its parent gone, the worker notices within a heartbeat interval and exits.
-    assert_gone([worker_pid])
+    # The engine process sees its socket close and stops; a worker whose parent is gone
+    # notices within a heartbeat interval and exits.
+    assert_gone(below)

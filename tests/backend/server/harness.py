@@ -29,7 +29,11 @@ POLL_S = 0.02
 
 @contextmanager
 def running_server(
-    model_dir: Path | None, *, warmup: bool = True, **engine_kwargs: Any
+    model_dir: Path | None,
+    *,
+    warmup: bool = True,
+    engine_process: bool | None = None,
+    **engine_kwargs: Any,
 ) -> Iterator[BackgroundServer]:
     """A started and ready server on an ephemeral loopback port."""
     config = EngineConfig.from_kwargs(
@@ -37,6 +41,7 @@ def running_server(
     )
     server_config = ServerConfig(
         host="127.0.0.1", port=0, drain_timeout_s=5.0, warmup=warmup,
+        engine_process=engine_process,
         telemetry=TelemetryConfig(metrics_port=0),  # metrics on a free port, not 8002
     )
     server = BackgroundServer(server_config, config)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.clients.client import GenerationClient
+from tests.backend.runner.tp_harness import assert_gone
 from tests.backend.server.harness import TINY_ENGINE
 
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
@@ -29,14 +30,6 @@ def _children(pid: int) -> set[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         children |= {int(c) for c in (task / "children").read_text().split()}
     return children
-
-
-def _exited(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state == "Z"
 
 
 @pytest.fixture(params=["--no-engine-process", "--engine-process"])
@@ -87,4 +80,4 @@ def test_serve_answers_then_drains_on_sigterm(
         rest = list(stream)
     assert sum(len(r.token_ids) for r in [first, *rest]) == 24
     assert process.wait(60) == 0
-    assert all(_exited(pid) for pid in children), "a child of the server outlived it"
+    assert_gone(sorted(children))
