@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, StepInfo
 from pagedserve.backend.engine.engine_loop import EngineSink, EngineThread
+from pagedserve.backend.engine.engine_process import EngineProcess
 from pagedserve.backend.engine.request import Request, RequestOutputDelta
 from pagedserve.backend.engine.request_builder import RequestBuilder
 from pagedserve.backend.errors import (
@@ -151,8 +152,6 @@ class AsyncEngine:
         ``engine_process``, else on a thread of this one."""
         _checked_interval(stream_interval)  # before the (slow) model load
         if engine_process:
-            from pagedserve.backend.engine.engine_process import EngineProcess
-
             return cls(EngineProcess(config), stream_interval)
         return cls(EngineThread(LLMEngine(config)), stream_interval)
 
