@@ -87,12 +87,18 @@ class LoadPattern:
         return [0.0] + [rng.gammavariate(self.burstiness, scale) for _ in range(n - 1)]
 
 
+# Above this share of prompt tokens from the prefix cache, the report says so: the run did not
+# measure prefill.
+PREFIX_CACHE_NOTE_SHARE = 0.5
+
+
 @dataclass
 class RequestRecord:
     """One request's timeline, seconds relative to its send time."""
 
     prompt_tokens: int
     output_tokens: int = 0
+    cached_prompt_tokens: int = 0  # served from the server's prefix cache
     ttft: float | None = None
     latency: float | None = None
     itls: list[float] = field(default_factory=list)
@@ -133,6 +139,9 @@ class BenchReport:
     failed: int
     total_input_tokens: int
     total_output_tokens: int
+    # Prompt tokens the server took from its prefix cache: a run that repeats an earlier run's
+    # prompts against the same server skips most of its prefill.
+    total_cached_prompt_tokens: int
     request_throughput: float
     output_throughput: float
     ttft_ms: dict[str, float]
@@ -175,6 +184,7 @@ class BenchReport:
             failed=len(records) - len(ok),
             total_input_tokens=sum(r.prompt_tokens for r in ok),
             total_output_tokens=output_tokens,
+            total_cached_prompt_tokens=sum(r.cached_prompt_tokens for r in ok),
             request_throughput=len(ok) / duration_s,
             output_throughput=output_tokens / duration_s,
             ttft_ms=summarize([r.ttft for r in ok if r.ttft is not None]),
@@ -199,6 +209,15 @@ class BenchReport:
         print(f"{'duration (s)':<28}{self.duration_s:.2f}", file=out)
         print(f"{'request throughput (req/s)':<28}{self.request_throughput:.2f}", file=out)
         print(f"{'output tokens/s':<28}{self.output_throughput:.1f}", file=out)
+        cached = self.total_cached_prompt_tokens
+        share = cached / self.total_input_tokens if self.total_input_tokens else 0.0
+        print(f"{'prefix-cached prompt tokens':<28}{cached} ({share:.0%})", file=out)
+        if share > PREFIX_CACHE_NOTE_SHARE:
+            print(
+                "note: most prompt tokens came from the server's prefix cache (an earlier run "
+                "sent the same prompts?); --prompt-seed N sends fresh ones",
+                file=out,
+            )
         if len(self.rounds_output_throughput) > 1:
             rounds = ", ".join(f"{x:.1f}" for x in self.rounds_output_throughput)
             print(f"{'rounds (best shown)':<28}{rounds}", file=out)
@@ -238,6 +257,8 @@ async def _one_request(
             ignore_eos=ignore_eos,
         )
         async for response in call:
+            if response.HasField("usage"):
+                record.cached_prompt_tokens = response.usage.cached_prompt_tokens
             if not response.token_ids:
                 continue
             now = time.perf_counter()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -109,3 +111,21 @@ def test_bench_serve_in_process_compares_with_offline(tiny_llama_dir: Path, tmp_
     assert report["output_throughput"] == max(report["rounds_output_throughput"])
     assert len(report["rounds_offline_output_throughput"]) == 2
     assert report["offline_output_throughput"] == max(report["rounds_offline_output_throughput"])
+
+
+async def test_a_repeated_run_reports_its_prefix_cache_hits(tiny_server: BackgroundServer) -> None:
+    """The same prompts sent twice to one server: the second run's prefill comes from the prefix
+    cache, and the report says so instead of passing it off as a fresh measurement."""
+    workload = ServeWorkload(num_requests=4, input_len=40, output_len=2, seed=4242)
+    first = await run_load(tiny_server.address, workload, LoadPattern(), progress=False)
+    again = await run_load(tiny_server.address, workload, LoadPattern(), progress=False)
+    assert first.total_cached_prompt_tokens == 0
+    # Whole 16-token blocks only: 32 of each 40-token prompt.
+    assert again.total_cached_prompt_tokens == 4 * 32
+    shown = io.StringIO()
+    again.print(shown)
+    assert re.search(r"prefix-cached prompt tokens\s+128 \(80%\)", shown.getvalue())
+    assert "--prompt-seed" in shown.getvalue()
+    shown = io.StringIO()
+    first.print(shown)
+    assert "--prompt-seed" not in shown.getvalue()
