@@ -38,7 +38,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, StepInfo
+from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, StepInfo, relax_gc
 from pagedserve.backend.engine.engine_loop import EngineLoop, EngineSink
 from pagedserve.backend.engine.request import Request, RequestOutputDelta
 from pagedserve.backend.engine.request_builder import RequestBuilder
@@ -68,6 +68,10 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig) -> None:
         """Blocking: starts the process and waits until its model is loaded."""
+        # This process now makes thousands of short-lived objects per step (deltas, protobuf
+        # messages) beside a large heap: at the default thresholds the collector's full passes
+        # measured as a fifth of the server's time under 256 streams.
+        relax_gc()
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self._process = subprocess.Popen(
@@ -150,7 +154,8 @@ class EngineProcess:
             while True:
                 kind, *body = self._conn.recv()
                 if kind == "deliver":
-                    sink.deliver(*body)
+                    wire, step, load, adds_taken = body
+                    sink.deliver([_decode(d) for d in wire], step, load, adds_taken)
                 elif kind == "reject":
                     sink.reject(*body)
                 elif kind == "fail":
@@ -184,13 +189,29 @@ class _PipeSink:
     def deliver(
         self, deltas: list[RequestOutputDelta], step: StepInfo | None, load: LoadInfo, adds_taken: int
     ) -> None:
-        self.send(("deliver", deltas, step, load, adds_taken))
+        self.send(("deliver", [_encode(d) for d in deltas], step, load, adds_taken))
 
     def reject(self, request_id: str, error: PagedServeError) -> None:
         self.send(("reject", request_id, error))
 
     def fail(self, error: EngineDeadError) -> None:
         self.send(("fail", error))
+
+
+# A delta in the middle of a stream is its id, text and token ids: sent as a plain tuple it
+# pickles and unpickles about ten times faster than the dataclass (measured: 256 deltas, 276 us
+# to pickle as objects, 27 us as tuples).
+_PlainDelta = tuple[str, str, list[int]]
+
+
+def _encode(delta: RequestOutputDelta) -> RequestOutputDelta | _PlainDelta:
+    if delta.logprobs is None and not delta.finished and delta.error is None:
+        return (delta.request_id, delta.text, delta.token_ids)
+    return delta  # final deltas and logprobs keep every field
+
+
+def _decode(item: RequestOutputDelta | _PlainDelta) -> RequestOutputDelta:
+    return RequestOutputDelta(*item) if type(item) is tuple else item
 
 
 def _portable(error: BaseException) -> BaseException:

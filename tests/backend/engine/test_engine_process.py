@@ -24,6 +24,7 @@ from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.async_engine import AsyncEngine
 from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, StepInfo
 from pagedserve.backend.engine.engine_loop import EngineLoop
+from pagedserve.backend.engine.engine_process import _decode, _encode
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 from pagedserve.backend.errors import (
     EngineDeadError,
@@ -38,7 +39,7 @@ EXIT_TIMEOUT_S = 30.0
 
 
 def _config(model_dir: Path, **kwargs) -> EngineConfig:
-    return EngineConfig.from_kwargs(model=str(model_dir), device="cpu", num_blocks=32, **kwargs)
+    return EngineConfig.from_kwargs(model=str(model_dir), device="cpu", **{"num_blocks": 32, **kwargs})
 
 
 @pytest.fixture
@@ -81,6 +82,27 @@ async def test_bad_requests_fail_in_the_server_process_and_the_engine_goes_on(
     ref = LLM(str(tiny_llama_dir), device="cpu").generate(["Still alive"], params)[0]
     assert [t for d in deltas for t in d.token_ids] == ref.token_ids
     assert process_engine.tokenize("Still alive") == ref.prompt_token_ids
+
+
+def test_deltas_cross_the_pipe_unchanged(tiny_llama_dir) -> None:
+    """Mid-stream deltas travel as plain tuples: every delta of real generations (stop
+    strings, logprobs, length and stop finishes, a preemption) comes back equal."""
+    engine = LLMEngine(_config(tiny_llama_dir, num_blocks=6, max_num_seqs=4))
+    for i, params in enumerate([
+        SamplingParams(max_tokens=30, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0.8, seed=3, stop=[" the", "."]),
+        SamplingParams(max_tokens=12, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=40, ignore_eos=True),
+    ]):
+        engine.add_request(engine.builder.build(prompt=f"Request {i} goes" * 3, params=params))
+    deltas: list[RequestOutputDelta] = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+    assert engine.scheduler.num_preemptions > 0  # 6 blocks cannot hold all four
+    assert sum(d.finished for d in deltas) == 4
+    wire = pickle.loads(pickle.dumps([_encode(d) for d in deltas]))
+    assert sum(type(w) is tuple for w in wire) > len(deltas) // 2
+    assert [_decode(w) for w in wire] == deltas
 
 
 class _RecordingSink:
