@@ -1,4 +1,4 @@
-"""The engine loop in a process of its own, behind a pipe.
+"""The engine loop in a process of its own, behind a socket pair.
 
 Why: a server streaming to hundreds of clients spends most of a step's wall time in Python on
 the event loop (gRPC writes), and the engine thread needs the same interpreter lock for
