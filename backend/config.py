@@ -169,11 +169,6 @@ class ServerConfig:
     min_client_ping_interval_s: float = 5.0
     # On SIGTERM: health NOT_SERVING, new RPCs refused, in-flight ones get this long to finish.
     drain_timeout_s: float = 30.0
-    # The first part of the drain, the listener still open: new RPCs reach the services and are
-    # refused with UNAVAILABLE, which clients and meshes retry elsewhere. Closing the listener
-    # at once would let gRPC cancel (CANCELLED, not retried) calls that had arrived but were not
-    # yet handed to a service (grpc/grpc#41785).
-    drain_refuse_s: float = 0.5
     # Run one short generation through the whole path before health reports SERVING.
     warmup: bool = True
     # Every streamed message after a request's first carries at least this many tokens (its

@@ -191,7 +191,7 @@ async def run_server(
         await stop.wait()
     finally:
         monitor.cancel()
-        await drain(started, loader, config.drain_timeout_s, config.drain_refuse_s)
+        await drain(started, loader, config.drain_timeout_s)
     return 1 if state.load_error is not None else 0
 
 
@@ -219,9 +219,7 @@ async def watch_engine(state: ServerState, interval_s: float) -> None:
             return
 
 
-async def drain(
-    started: StartedServer, loader: asyncio.Task[None], timeout_s: float, refuse_s: float
-) -> None:
+async def drain(started: StartedServer, loader: asyncio.Task[None], timeout_s: float) -> None:
     """NOT_SERVING, refuse new RPCs, give in-flight ones ``timeout_s``, stop the engine.
 
     Requests still running at the deadline are aborted in the engine, so each stream ends with
@@ -231,14 +229,9 @@ async def drain(
     state = started.state
     logger.info("draining: in-flight requests get up to %.0f s", timeout_s)
     await state.mark_draining()
-    # New RPCs are refused (UNAVAILABLE) by the services from here on; calls already on their
-    # way reach them too before the listener closes (see ServerConfig.drain_refuse_s).
-    refuse_s = min(refuse_s, timeout_s)
-    await asyncio.sleep(refuse_s)
-    # Stopping closes the listener and sends GOAWAY; open RPCs keep running.
-    grace = timeout_s - refuse_s
-    stopping = asyncio.ensure_future(started.server.stop(grace=grace + _ABORT_FLUSH_S))
-    finished, _ = await asyncio.wait({stopping}, timeout=grace)
+    # Stopping closes the listener and sends GOAWAY at once; open RPCs keep running.
+    stopping = asyncio.ensure_future(started.server.stop(grace=timeout_s + _ABORT_FLUSH_S))
+    finished, _ = await asyncio.wait({stopping}, timeout=timeout_s)
     engine_stopped = False
     if not finished and state.engine is not None:
         load = state.engine.get_load()

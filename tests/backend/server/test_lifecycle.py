@@ -168,4 +168,3 @@ def test_stop_drains_in_flight_requests(tiny_llama_dir: Path) -> None:
     finally:
         client.close()
         server.stop()
-
