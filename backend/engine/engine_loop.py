@@ -4,7 +4,7 @@ process of its own (``engine_process.py``).
 The loop owns the engine: it alone touches scheduling state. Adds and aborts reach it through a
 thread-safe inbox; everything it produces leaves through an ``EngineSink``, once per step: the
 step's deltas, what the step did and the load after it. The asyncio front (``AsyncEngine``) is
-the sink, directly when the loop is a thread, through a pipe when it is a process.
+the sink, directly when the loop is a thread, through a socket when it is a process.
 """
 
 from __future__ import annotations
@@ -51,16 +51,17 @@ class EngineLoop:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
+        # A Request to add, or the id of one to abort.
+        self._inbox: queue.SimpleQueue[Request | str] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
 
     def add(self, request: Request) -> None:
-        self._inbox.put(("add", request))
+        self._inbox.put(request)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(request_id)
         self._wake.set()
 
     def stop(self) -> None:
@@ -101,7 +102,7 @@ class EngineLoop:
         adds = 0
         while True:
             try:
-                kind, item = self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 return deltas, adds
             if isinstance(item, Request):
