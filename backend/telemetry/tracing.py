@@ -119,6 +119,11 @@ class NoTrace:
 NO_TRACE = NoTrace()
 
 
+# A cancel this close to the call's deadline is the deadline: the client's own timer fires and
+# its cancel can reach the server a moment before the server's copy of the deadline expires.
+DEADLINE_SLACK_S = 0.05
+
+
 def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -129,7 +134,7 @@ def _outcome(
     """The status the client sees: from the aborted context, a cancel, or an escaped error."""
     if isinstance(error, asyncio.CancelledError):
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
         return grpc.StatusCode.CANCELLED, "cancelled by the client"
     code = context.code()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from pagedserve.backend.engine.engine import StepInfo
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes, Usage
 from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.telemetry.exporting import new_tracer_provider
+from pagedserve.backend.telemetry.tracing import DEADLINE_SLACK_S, _outcome
 from pagedserve.backend.telemetry.tracing import BEGIN, RPC_END, RequestTracer, RpcTrace
 
 WAIT_S = 5.0
@@ -92,3 +94,33 @@ def test_a_step_of_untraced_requests_makes_no_span() -> None:
     h = Harness()
     h.step("not-traced", "also-not")
     assert h.names() == []
+
+
+class _EndedCall:
+    """What ``_outcome`` reads of a servicer context whose call was cancelled."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self._remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+    def code(self) -> None:
+        return None
+
+    def details(self) -> None:
+        return None
+
+
+def test_a_cancel_at_the_deadline_counts_as_the_deadline() -> None:
+    """The client's timer and its cancel can beat the server's copy of the deadline by a hair:
+    that cancel is the deadline; one well before it is the client's."""
+    cancelled = asyncio.CancelledError()
+    for remaining, want in [
+        (-0.01, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (DEADLINE_SLACK_S / 2, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (DEADLINE_SLACK_S * 2, grpc.StatusCode.CANCELLED),
+        (None, grpc.StatusCode.CANCELLED),  # no deadline at all
+    ]:
+        assert _outcome(cancelled, _EndedCall(remaining))[0] == want, remaining  # type: ignore[arg-type]
