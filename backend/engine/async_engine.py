@@ -24,10 +24,9 @@ from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, Ste
 from pagedserve.backend.engine.engine_loop import EngineSink, EngineThread
 from pagedserve.backend.engine.engine_process import EngineProcess
 from pagedserve.backend.engine.request import Request, RequestOutputDelta
-from pagedserve.backend.engine.request_builder import RequestBuilder
+from pagedserve.backend.engine.request_builder import RequestBuilder, request_id_in_use
 from pagedserve.backend.errors import (
     EngineDeadError,
-    InvalidRequestError,
     PagedServeError,
     QueueFullError,
 )
@@ -206,7 +205,7 @@ class AsyncEngine:
             raise EngineDeadError(str(self._error or "the engine has stopped"))
         with self._lock:
             if request_id and request_id in self._streams:
-                raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+                raise request_id_in_use(request_id)
             limit = self._handle.max_queued_requests
             if self._load.num_waiting + self._pending_adds >= limit:
                 raise QueueFullError(f"the waiting queue is full ({limit} requests)")

@@ -26,8 +26,8 @@ from pagedserve.backend.engine.request import (
     RequestStatus,
 )
 from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
-from pagedserve.backend.engine.request_builder import RequestBuilder
-from pagedserve.backend.errors import EngineDeadError, InvalidRequestError
+from pagedserve.backend.engine.request_builder import RequestBuilder, request_id_in_use
+from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -159,19 +159,26 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> Request:
         """Validate and tokenize; raises a typed error naming the bad field."""
-        if request_id and request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        if request_id:
+            self._check_unused(request_id)
         return self.builder.build(
             prompt=prompt, prompt_token_ids=prompt_token_ids, params=params, request_id=request_id
         )
 
     def add_request(self, request: Request) -> None:
+        """Admit a built request; raises a typed error (id in use, queue full) and changes
+        nothing if it cannot."""
+        self._check_unused(request.request_id)
         self.scheduler.add_request(request)  # may raise QueueFullError
         self.requests[request.request_id] = request
         self.output.add_request(request)
         self.runner.add_request(request)
         if request.params.reads_token_history:
             self._num_reading_history += 1
+
+    def _check_unused(self, request_id: str) -> None:
+        if request_id in self.requests:
+            raise request_id_in_use(request_id)
 
     def abort(self, request_id: str) -> RequestOutputDelta | None:
         """Stop a request now and free its blocks; returns its final (abort) delta."""

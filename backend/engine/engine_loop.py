@@ -17,7 +17,7 @@ from typing import Protocol
 from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, ModelInfo, StepInfo
 from pagedserve.backend.engine.request import Request, RequestOutputDelta
 from pagedserve.backend.engine.request_builder import RequestBuilder
-from pagedserve.backend.errors import EngineDeadError, InvalidRequestError, PagedServeError
+from pagedserve.backend.errors import EngineDeadError, PagedServeError
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +114,8 @@ class EngineLoop:
                     deltas.append(delta)
 
     def _add(self, request: Request, sink: EngineSink) -> None:
-        if request.request_id in self.engine.requests:
-            sink.reject(
-                request.request_id,
-                InvalidRequestError("request_id", f"{request.request_id!r} is already in use"),
-            )
-            return
+        """Two fronts' checks can race (a stream closed, its abort not yet applied): the
+        engine's own check refuses an id that is still running."""
         try:
             self.engine.add_request(request)
         except PagedServeError as exc:

@@ -16,6 +16,11 @@ from pagedserve.backend.errors import InvalidRequestError, RequestTooLongError
 from pagedserve.backend.sampling_params import SamplingParams
 
 
+def request_id_in_use(request_id: str) -> InvalidRequestError:
+    """The error for an id that a live request already has."""
+    return InvalidRequestError("request_id", f"{request_id!r} is already in use")
+
+
 @dataclass
 class RequestBuilder:
     """What admission needs to know of the loaded model and its KV cache. Picklable."""
