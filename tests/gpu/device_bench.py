@@ -194,6 +194,7 @@ def stage_parity_bf16(hf: Any, weights: Path, prompts: list[list[int]]) -> dict[
             "transformers_sdpa_flash_vs_exact_attention": hf16_flash.argmax(-1) == hf16_exact.argmax(-1),
             "transformers_bf16_top_tied": (hf16 == hf16.amax(-1, keepdim=True)).sum(-1) > 1,
             "transformers_sdpa_flash_row_identical_to_default": (hf16_flash == hf16).all(-1),
+            "ours_row_identical_to_transformers_bf16": (ours == hf16).all(-1),
         }
         for name, values in row.items():
             columns.setdefault(name, []).append(values.float())
