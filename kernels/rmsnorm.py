@@ -39,6 +39,7 @@ def _rms_norm_kernel(
     residual_row_stride,
     out_row_stride,
     summed_row_stride,
+    inv_n_cols,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -53,7 +54,10 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
         tl.store(summed_ptr + row * summed_row_stride + cols, x, mask=mask)
     x32 = x.to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
+    # As torch computes transformers' RMSNorm: the mean is the sum times 1/n, and rsqrt is the
+    # hardware approximation. (The sum's order still differs from torch's reduction, so the
+    # bf16 output can differ in a rare element; 1 / sqrt(sum / n) differed 2-8x more often.)
+    inv_rms = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) * inv_n_cols + eps)
     normed = (x32 * inv_rms).to(x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
@@ -88,6 +92,7 @@ def _launch(
             res2.stride(0) if res2 is not None else 0,
             out.stride(0),
             summed.stride(0) if summed is not None else 0,
+            1.0 / hidden,
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
