@@ -248,15 +248,19 @@ class AttentionKernelConfig:
     """Tile sizes and the split-KV policy of the Triton path (defaults suit H100-class GPUs)."""
 
     # Varlen (prefill / mixed) kernel. block_m: query rows one program holds, i.e. query tokens
-    # x the query heads of one KV head. block_n: keys per inner-loop tile, which need not match
-    # the cache block size. Both are powers of two >= 16.
+    # x the query heads of one KV head. block_n: keys per inner-loop tile for head dims up to
+    # 64, block_n_wide_heads above; neither need match the cache block size. All are powers of
+    # two >= 16.
     # In bf16 the tile boundaries decide the rounding: each tile's probabilities are rounded to
     # bf16 relative to the running maximum at that tile. 128-key tiles walked from key 0 are
-    # the boundaries of cuDNN's fused attention, the kernel PyTorch's SDPA (and so transformers'
-    # bf16 models) runs on Hopper: outputs then equal it bit for bit but for ~0.03% of elements
-    # (32-key tiles: 9-22%), which keeps our bf16 logits next to transformers'.
+    # the boundaries of cuDNN's fused attention, PyTorch's default SDPA kernel on Hopper (so
+    # transformers' bf16 models run it): outputs then differ from it in ~0.03% of elements
+    # (32-key tiles: 9-22%). With head dim 64 those tiles run about as fast as 32-key ones or
+    # faster (H200: 236 vs 238 TFLOP/s at 4x2048, 303 vs 270 at 1x8192); with 128 they cost a
+    # third of the prefill rate (197 vs 295), so wide heads keep 32-key tiles.
     block_m: int = 64
     block_n: int = 128
+    block_n_wide_heads: int = 32
     num_warps: int = 4
     num_stages: int = 2
     # Decode kernel (one query token per sequence).
@@ -269,8 +273,12 @@ class AttentionKernelConfig:
     max_kv_splits: int = 32
     min_tokens_per_split: int = 256
 
+    def varlen_block_n(self, head_dim: int) -> int:
+        """Keys per tile of the varlen kernel for this head dim."""
+        return self.block_n if head_dim <= 64 else self.block_n_wide_heads
+
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "decode_block_n"):
+        for name in ("block_m", "block_n", "block_n_wide_heads", "decode_block_n"):
             value = getattr(self, name)
             if value < _MIN_DOT_ROWS or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {_MIN_DOT_ROWS}, got {value}")
@@ -678,7 +686,7 @@ def paged_attention_triton(
         grid = (num_tokens // block_q + num_seqs, num_kv_heads)
         _varlen_paged_attention_kernel[grid](
             q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, num_seqs,
-            GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=config.block_n, **common,
+            GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=config.varlen_block_n(head_dim), **common,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return out

@@ -18,7 +18,7 @@ from tests.kernels.paged_batch import Batch, make_batch, reference
 # Max abs error vs the reference (inputs ~N(0,1), outputs are convex mixes of V rows).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 # Small tiles so short contexts still cross several key tiles and query blocks.
-SMALL_TILES = AttentionKernelConfig(block_m=16, block_n=16, decode_block_n=16)
+SMALL_TILES = AttentionKernelConfig(block_m=16, block_n=16, block_n_wide_heads=16, decode_block_n=16)
 HEAD_CONFIGS = [(4, 4), (8, 2), (8, 1)]  # GQA ratios 1, 4, 8
 
 
