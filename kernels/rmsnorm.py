@@ -36,6 +36,10 @@ _WARP = 32
 _COLUMNS_PER_WARP = 256
 _MAX_WARPS = 16
 _MIN_VECTORIZED_COLUMNS = 128
+# A row is split across warps too once each thread would otherwise sum at least
+# min(16 x warp rows, 256) values.
+_SPLIT_VALUES_PER_WARP_ROW = 16
+_SPLIT_VALUES_CAP = 256
 
 
 def _last_pow2(n: int) -> int:
@@ -69,7 +73,8 @@ def torch_mean_split(n_rows: int, n_cols: int) -> TorchMeanSplit:
     width = min(dim0_pow2, _WARP)
     height = min(dim1_pow2, _MAX_REDUCE_THREADS // width)
     width = min(dim0_pow2, _MAX_REDUCE_THREADS // height)
-    split_across_warps = -(-n_cols // width) >= min(height * 16, 256)
+    values_per_thread = -(-n_cols // width)
+    split_across_warps = values_per_thread >= min(height * _SPLIT_VALUES_PER_WARP_ROW, _SPLIT_VALUES_CAP)
     return TorchMeanSplit(width, height if split_across_warps else 1, vectorized)
 
 
