@@ -9,6 +9,7 @@ import torch
 
 from pagedserve.kernels.triton_utils import cdiv, next_power_of_2, tl, triton, use_triton
 
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in fp32, cast back, then scale (the order transformers' Llama uses)."""
     dtype = x.dtype
@@ -203,7 +204,7 @@ def _launch(
             WARPS=split.warps,
             LOG2_WARPS=split.warps.bit_length() - 1,
             VECTORIZED=split.vectorized,
-            CHUNKS=cdiv(hidden, 4 * split.threads),
+            CHUNKS=cdiv(hidden, _ACCUMULATORS * split.threads),
             BLOCK=block,
             # The sum's order is written out op by op, so any layout computes the same bits:
             # a warp per 256 columns loads the row wide, and at least a warp per 32 of torch's
