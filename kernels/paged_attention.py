@@ -254,10 +254,11 @@ class AttentionKernelConfig:
     # In bf16 the tile boundaries decide the rounding: each tile's probabilities are rounded to
     # bf16 relative to the running maximum at that tile. 128-key tiles walked from key 0 are
     # the boundaries of cuDNN's fused attention, PyTorch's default SDPA kernel on Hopper (so
-    # transformers' bf16 models run it): outputs then differ from it in ~0.03% of elements
-    # (32-key tiles: 9-22%). With head dim 64 those tiles run about as fast as 32-key ones or
-    # faster (H200: 236 vs 238 TFLOP/s at 4x2048, 303 vs 270 at 1x8192); with 128 they cost a
-    # third of the prefill rate (197 vs 295), so wide heads keep 32-key tiles.
+    # transformers' bf16 models run it); with them the 16-bit kernel, which also rounds every
+    # step as cuDNN does, is bit-identical to it (32-key tiles: 9-22% of elements differ).
+    # With head dim 64 those tiles run about as fast as 32-key ones or faster (H200: 236 vs
+    # 238 TFLOP/s at 4x2048, 303 vs 270 at 1x8192); with 128 they cost a third of the prefill
+    # rate (197 vs 295), so wide heads keep 32-key tiles.
     block_m: int = 64
     block_n: int = 128
     block_n_wide_heads: int = 32
@@ -309,12 +310,14 @@ def _attend_key_range(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    LANE_SUMS: tl.constexpr,
 ):
     """Online softmax (base 2, fp32) of q's rows over keys [kv_start, kv_end).
 
     With MASKED a key is seen by a row when it is below kv_end and its position is <= that
     row's causal_limit; without, the caller guarantees whole tiles every row may see, and the
-    tile loop skips the masking work.
+    tile loop skips the masking work. With LANE_SUMS the denominator ``l_i`` is kept as
+    ``_lane_partial_sums`` partials, [rows, 4], else as one sum per row.
     """
     key_offsets = tl.arange(0, BLOCK_N)
     for tile_start in range(kv_start, kv_end, BLOCK_N):
@@ -340,7 +343,12 @@ def _attend_key_range(
             m_shift = m_new
         p = tl.exp2(scores - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # One rounding for the rescaled denominator, written out: 16-bit varlen kernels are
+        # compiled without automatic contraction.
+        if LANE_SUMS:
+            l_i = tl.fma(l_i, alpha[:, None], _lane_partial_sums(p, BLOCK_N))
+        else:
+            l_i = tl.fma(l_i, alpha, tl.sum(p, axis=1))
         v = tl.load(
             v_cache_ptr + slot[:, None] + dim_offsets[None, :],
             mask=in_range[:, None] & dim_mask[None, :],
@@ -349,6 +357,30 @@ def _attend_key_range(
         acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _lane_partial_sums(p, BLOCK_N: tl.constexpr):
+    """[rows, 4]: each row's sum over the key columns ``8 j + 2 c + e`` for c = 0..3, summed
+    in order of (j, e).
+
+    On Hopper these are the columns one thread of a quad holds in the MMA result, in its
+    register order, so the sum stays in the thread and adds one value at a time. Carrying
+    the four partials across tiles and joining them only at the end, as
+    ``_join_lane_sums``, is how cuDNN's fused attention sums its softmax denominators:
+    together with its 128-key tiles this makes bf16 outputs bit-identical to it.
+    """
+    rows: tl.constexpr = p.shape[0]
+    x = tl.reshape(p, [rows, BLOCK_N // 8, 4, 2])
+    x = tl.reshape(tl.permute(x, [0, 2, 1, 3]), [rows, 4, BLOCK_N // 4])
+    return tl.sum(x, axis=2)
+
+
+@triton.jit
+def _join_lane_sums(l4):
+    """One sum per row from ``_lane_partial_sums`` partials: (l0 + l1) + (l2 + l3)."""
+    rows: tl.constexpr = l4.shape[0]
+    return tl.sum(tl.sum(tl.reshape(l4, [rows, 2, 2]), axis=2), axis=1)
 
 
 @triton.jit
@@ -395,9 +427,10 @@ def _varlen_paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    LANE_SUMS: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x the GROUP query heads of one KV head,
-    so every K/V tile is loaded once for the whole group."""
+    so every K/V tile is loaded once for the whole group. LANE_SUMS: see ``_lane_partial_sums``."""
     q_block_id = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_sequence(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q)
@@ -429,19 +462,24 @@ def _varlen_paged_attention_kernel(
 
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    if LANE_SUMS:
+        l_i = tl.zeros([BLOCK_Q * GROUP_PAD, 4], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     head_offset = kv_head.to(tl.int64) * cache_head_stride
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
         cache_block_stride, cache_slot_stride, 0, unmasked_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, LANE_SUMS,
     )
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
         cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, LANE_SUMS,
     )
+    if LANE_SUMS:
+        l_i = _join_lane_sums(l_i)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         out_ptr + token[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
@@ -523,12 +561,12 @@ def _decode_paged_attention_kernel(
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
         cache_block_stride, cache_slot_stride, kv_start, unmasked_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, False,
     )
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
         cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, False,
     )
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -684,9 +722,16 @@ def paged_attention_triton(
         block_q = min(max(1, config.block_m // group_pad), next_power_of_2(max_query_len))
         block_q = max(block_q, cdiv(_MIN_DOT_ROWS, group_pad))
         grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+        # 16-bit inputs round as cuDNN's attention does (tensor-core tiles). No automatic FMA
+        # contraction: on unmasked tiles it would fold the score scaling into the exponent's
+        # subtraction (one rounding where cuDNN rounds twice). fp32 keeps its own order: its
+        # dot is not an MMA, so there are no lanes to mirror (and Triton 3.6 miscompiled the
+        # lane sums of that layout: wrong outputs in the fp32 mixed-batch test on an H200).
+        cudnn_rounding = q.dtype != torch.float32
         _varlen_paged_attention_kernel[grid](
             q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, num_seqs,
             GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=config.varlen_block_n(head_dim), **common,
+            LANE_SUMS=cudnn_rounding, enable_fp_fusion=not cudnn_rounding,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return out
