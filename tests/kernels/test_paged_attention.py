@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,10 +10,13 @@ from pagedserve.backend.runner.attention import AttentionMetadata, TorchAttentio
 from pagedserve.backend.runner.triton_attention import TritonAttentionBackend
 from pagedserve.kernels.paged_attention import (
     AttentionKernelConfig,
+    _join_lane_sums,
+    _lane_partial_sums,
     choose_num_kv_splits,
     paged_attention,
     paged_attention_triton,
 )
+from pagedserve.kernels.triton_utils import tl, triton
 from tests.kernels.paged_batch import Batch, make_batch, reference
 
 # Max abs error vs the reference (inputs ~N(0,1), outputs are convex mixes of V rows).
@@ -179,3 +183,43 @@ def test_triton_backend_matches_torch_backend(
         out = TritonAttentionBackend(SMALL_TILES).forward(batch.q, k, v, cache, metadata, 0.125)
         assert torch.equal(cache, cache_ref)
         assert_close(out, ref, batch.num_real_tokens)
+
+
+@triton.jit
+def _lane_sums_probe(p_ptr, partial_ptr, joined_ptr, l4_ptr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes _lane_partial_sums of a [ROWS, BLOCK_N] tile and _join_lane_sums of given partials."""
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    lanes = tl.arange(0, 4)
+    p = tl.load(p_ptr + rows[:, None] * BLOCK_N + cols[None, :])
+    tl.store(partial_ptr + rows[:, None] * 4 + lanes[None, :], _lane_partial_sums(p, BLOCK_N))
+    l4 = tl.load(l4_ptr + rows[:, None] * 4 + lanes[None, :])
+    tl.store(joined_ptr + rows, _join_lane_sums(l4))
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_lane_sums_follow_the_mma_columns_and_pairing(block_n: int, device: torch.device) -> None:
+    """The 16-bit varlen kernel sums softmax denominators as cuDNN does: partial c holds key
+    columns 8j + 2c + e (the columns one thread of a quad owns in the MMA result), and the
+    four partials join as (l0 + l1) + (l2 + l3). Integer tiles make the partials exact in any
+    order, so this checks which columns each partial gets; the order inside a partial follows
+    the GPU's register layout and is checked on the device against cuDNN
+    (test_bf16_prefill_rounds_like_cudnn_attention)."""
+    rows = 16
+    gen = torch.Generator().manual_seed(block_n)
+    p = torch.randint(0, 1000, (rows, block_n), generator=gen).float()
+    cols = np.arange(block_n)
+    expected = torch.stack([p[:, (cols // 2) % 4 == c].sum(1) for c in range(4)], dim=1)
+    # Partials of mixed magnitude and sign, where the pairing decides the rounded sum.
+    l4 = (torch.randn(rows, 4, generator=gen) * 2.0 ** torch.randint(-24, 24, (rows, 4), generator=gen)).float()
+    l4[0] = torch.tensor([1.0, 2.0**-24, -1.0, 2.0**-24])
+    f32 = l4.numpy().astype(np.float32)
+    joined_expected = (f32[:, 0] + f32[:, 1]) + (f32[:, 2] + f32[:, 3])
+    other_pairing = (f32[:, 0] + f32[:, 2]) + (f32[:, 1] + f32[:, 3])
+    assert (joined_expected != other_pairing).any()  # the check below can tell them apart
+
+    partial = torch.empty(rows, 4, device=device)
+    joined = torch.empty(rows, device=device)
+    _lane_sums_probe[(1,)](p.to(device), partial, joined, l4.to(device), ROWS=rows, BLOCK_N=block_n)
+    torch.testing.assert_close(partial.cpu(), expected, rtol=0, atol=0)
+    assert np.array_equal(joined.cpu().numpy(), joined_expected)
