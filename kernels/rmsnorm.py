@@ -114,9 +114,7 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     LANES: tl.constexpr,
-    LOG2_LANES: tl.constexpr,
     WARPS: tl.constexpr,
-    LOG2_WARPS: tl.constexpr,
     VECTORIZED: tl.constexpr,
     CHUNKS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -140,10 +138,10 @@ def _rms_norm_kernel(
     a0, a2 = tl.split(even)
     a1, a3 = tl.split(odd)
     total = tl.reshape(((a0 + a1) + a2) + a3, (WARPS, LANES))
-    for _ in tl.static_range(LOG2_LANES):
+    for _ in tl.static_range(LANES.bit_length() - 1):
         total = tl.sum(tl.reshape(total, (WARPS, 2, total.shape[1] // 2)), axis=1)
     total = tl.reshape(total, (WARPS,))
-    for _ in tl.static_range(LOG2_WARPS):
+    for _ in tl.static_range(WARPS.bit_length() - 1):
         total = tl.sum(tl.reshape(total, (2, total.shape[0] // 2)), axis=0)
     # As torch computes transformers' RMSNorm: the mean is the sum times 1/n, and rsqrt is the
     # hardware approximation.
@@ -200,9 +198,7 @@ def _launch(
             eps,
             HAS_RESIDUAL=residual is not None,
             LANES=split.lanes,
-            LOG2_LANES=split.lanes.bit_length() - 1,
             WARPS=split.warps,
-            LOG2_WARPS=split.warps.bit_length() - 1,
             VECTORIZED=split.vectorized,
             CHUNKS=cdiv(hidden, _ACCUMULATORS * split.threads),
             BLOCK=block,
