@@ -1,13 +1,16 @@
-"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+The offline ``LLM`` is the engine core's client when no server runs: it admits requests (builds
+and validates them, ids are its own) and steps the core in the calling thread.
+"""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.engine import LLMEngine
+from pagedserve.backend.engine.core import EngineCore
 from pagedserve.backend.engine.request import (
     FinishReason,
     Request,
@@ -27,14 +30,12 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
-        # Offline callers submit everything at once; the queue limit guards servers only.
-        engine_kwargs.setdefault("max_queued_requests", sys.maxsize)
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_kwargs))
+        self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_kwargs))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
         llm = cls.__new__(cls)
-        llm.engine = LLMEngine(config)
+        llm.engine = EngineCore(config)
         return llm
 
     @property
@@ -76,7 +77,7 @@ class LLM:
 
         # Validate everything before admitting anything, so a bad prompt leaves no orphans.
         requests = [
-            self.engine.make_request(params=p, **inp) for inp, p in zip(inputs, params_list)
+            self.engine.builder.build(params=p, **inp) for inp, p in zip(inputs, params_list)
         ]
         progress = None
         if use_tqdm:
@@ -86,7 +87,7 @@ class LLM:
         collected: dict[str, list[RequestOutputDelta]] = {r.request_id: [] for r in requests}
         try:
             for r in requests:
-                self.engine.add_request(r)
+                self.engine.add(r)
             remaining = len(requests)
             while remaining:
                 for delta in self.engine.step():
@@ -110,10 +111,10 @@ class LLM:
         prompt_token_ids: list[int] | None = None,
     ) -> Iterator[RequestOutputDelta]:
         """Yield one request's deltas as they are produced."""
-        request = self.engine.make_request(
+        request = self.engine.builder.build(
             prompt=prompt, prompt_token_ids=prompt_token_ids, params=sampling_params or SamplingParams()
         )
-        self.engine.add_request(request)
+        self.engine.add(request)
         try:
             while True:
                 for delta in self.engine.step():

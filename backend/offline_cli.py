@@ -50,9 +50,9 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     engine = llm.engine
     if args.raw:
-        ids = engine.tokenize(args.prompt)
+        ids = engine.builder.tokenize(args.prompt)
     else:
-        ids = engine.render_chat([{"role": "user", "content": args.prompt}])
+        ids = engine.builder.render_chat([{"role": "user", "content": args.prompt}])
     for delta in llm.stream(prompt_token_ids=ids, sampling_params=params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()

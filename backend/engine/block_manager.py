@@ -1,11 +1,16 @@
-"""Paged KV-cache blocks: allocation, reference counts and automatic prefix caching.
+"""Paged KV-cache blocks: allocation, reference counts, automatic prefix caching, block table.
 
-Every sequence owns a block table (a list of block ids); token ``p`` lives in block
-``table[p // block_size]``. A *full* block whose K/V are computed is registered under a chained
-hash of all token ids up to its end, so a later request with the same prefix maps the same
-physical block (ref count > 1) instead of recomputing it. A block whose ref count drops to zero
-goes to the back of the free queue but keeps its hash: it can still be hit until it is handed out
-again, oldest-freed first (LRU).
+Every sequence owns a list of block ids; token ``p`` lives in block ``block_ids[p // block_size]``.
+A *full* block whose K/V are computed is registered under a chained hash of all token ids up to
+its end, so a later request with the same prefix maps the same physical block (ref count > 1)
+instead of recomputing it. A block whose ref count drops to zero goes to the back of the free
+queue but keeps its hash: it can still be hit until it is handed out again, oldest-freed first
+(LRU).
+
+The block manager is the only writer of a request's blocks, so it also keeps the block table:
+one row per request that holds blocks, updated in the same call that changes the blocks. A step
+then gathers the rows it needs with one fancy index instead of converting hundreds of Python
+lists each step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import numpy as np
 
 from pagedserve.backend.engine.request import Request
 
@@ -36,23 +43,63 @@ class Block:
     block_hash: BlockHash | None = None
 
 
-class BlockManager:
-    """Owns the free list and the prefix-cache index; the scheduler asks it for room."""
+class BlockTable:
+    """``[max_seqs, max_blocks_per_seq]`` block ids, a row per request holding blocks, padded
+    with 0. Only requests that hold blocks have a row, and only running requests (plus the one
+    being admitted) hold blocks, so ``max_seqs`` rows are enough."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, max_seqs: int, max_blocks_per_seq: int) -> None:
+        self.table = np.zeros((max(1, max_seqs), max(1, max_blocks_per_seq)), dtype=np.int32)
+        self._free_rows = list(range(self.table.shape[0] - 1, -1, -1))
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return int(self.table.shape[1])
+
+    def append(self, request: Request, start: int) -> None:
+        """Write ``request.block_ids[start:]`` into its row (taking a row first if needed)."""
+        ids = request.block_ids
+        if request.table_row < 0:
+            if not self._free_rows:
+                raise RuntimeError("block table is full: more requests hold blocks than max_seqs")
+            request.table_row = self._free_rows.pop()
+        self.table[request.table_row, start : len(ids)] = ids[start:]
+
+    def release(self, request: Request, num_written: int) -> None:
+        row = request.table_row
+        if row >= 0:
+            self.table[row, :num_written] = 0
+            self._free_rows.append(row)
+            request.table_row = -1
+
+    def gather(self, rows: list[int], num_blocks: int) -> np.ndarray:
+        """[len(rows), num_blocks] copy of the given rows."""
+        return self.table[np.asarray(rows, dtype=np.int64), :num_blocks]
+
+
+class BlockManager:
+    """Owns the free list, the prefix-cache index and the block table; the scheduler asks it
+    for room."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        enable_prefix_caching: bool = True,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
+        self.block_table = BlockTable(max_seqs, max_blocks_per_seq)
         # Free blocks in eviction order (oldest first). Cached ones keep their hash until reused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
-        # Per-request chained hashes of its full blocks (computed once per block).
-        self._hashes: dict[str, list[BlockHash]] = {}
-        # Per-request count of leading full blocks already offered to the prefix index.
-        self._registered: dict[str, int] = {}
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # prompt tokens found
 
@@ -69,12 +116,12 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # -- prefix cache ----------------------------------------------------------------------
-    def _request_hashes(self, request: Request, num_full_blocks: int) -> list[BlockHash]:
-        hashes = self._hashes.setdefault(request.request_id, [])
+    def _hashes(self, request: Request, num_full_blocks: int) -> list[BlockHash]:
+        hashes = request.block_hashes
         bs = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            tokens = [request.token_at(j) for j in range(i * bs, (i + 1) * bs)]
+            tokens = request.token_slice(i * bs, (i + 1) * bs)
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens))
         return hashes
 
@@ -87,7 +134,7 @@ class BlockManager:
             return 0
         num_tokens = request.num_tokens
         max_full = (num_tokens - 1) // self.block_size
-        hashes = self._request_hashes(request, max_full)
+        hashes = self._hashes(request, max_full)
         hit_ids: list[int] = []
         for h in hashes[:max_full]:
             block_id = self._cached.get(h)
@@ -99,10 +146,12 @@ class BlockManager:
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
-        request.block_ids = hit_ids
         hit_tokens = len(hit_ids) * self.block_size
         self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += hit_tokens
+        if hit_ids:
+            request.block_ids = hit_ids
+            self.block_table.append(request, 0)
         return hit_tokens
 
     def cache_full_blocks(self, request: Request, num_computed: int | None = None) -> None:
@@ -113,11 +162,11 @@ class BlockManager:
         if num_computed is None:
             num_computed = request.num_computed_tokens
         num_full = min(num_computed, request.num_tokens) // self.block_size
-        done = self._registered.get(request.request_id, 0)
+        done = request.num_registered_blocks
         if num_full <= done:
             return
-        hashes = self._request_hashes(request, num_full)
-        self._registered[request.request_id] = num_full
+        hashes = self._hashes(request, num_full)
+        request.num_registered_blocks = num_full
         for i in range(done, num_full):
             block = self.blocks[request.block_ids[i]]
             if block.block_hash is None:
@@ -129,12 +178,18 @@ class BlockManager:
 
     # -- allocation ------------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow the request's block table to hold ``num_new_tokens`` more tokens.
+        """Grow the request's blocks to hold ``num_new_tokens`` more tokens.
         Returns False, changing nothing, if there are not enough free blocks."""
         total = request.num_computed_tokens + num_new_tokens
-        if total <= len(request.block_ids) * self.block_size:
+        held = len(request.block_ids)
+        if total <= held * self.block_size:
             return True  # the common decode step: room in its last block
-        needed = self.blocks_needed(total) - len(request.block_ids)
+        if self.blocks_needed(total) > self.block_table.max_blocks_per_seq:
+            raise ValueError(
+                f"request {request.request_id} would hold {self.blocks_needed(total)} blocks; "
+                f"rows hold {self.block_table.max_blocks_per_seq}"
+            )
+        needed = self.blocks_needed(total) - held
         if needed > len(self._free):
             return False
         for _ in range(needed):
@@ -146,20 +201,19 @@ class BlockManager:
                 block.block_hash = None
             block.ref_count = 1
             request.block_ids.append(block_id)
+        self.block_table.append(request, held)
         return True
 
     def free(self, request: Request) -> None:
-        """Release the request's blocks; tail blocks are queued first so they are evicted
-        before the shared prefix blocks."""
+        """Release the request's blocks and its table row; tail blocks are queued first so
+        they are evicted before the shared prefix blocks. Its hashes stay with the request (a
+        preempted request reuses them when it is admitted again)."""
         for block_id in reversed(request.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self._free[block_id] = None
+        self.block_table.release(request, len(request.block_ids))
         request.block_ids = []
-        self._registered.pop(request.request_id, None)
-
-    def forget(self, request: Request) -> None:
-        """Drop per-request bookkeeping once the request has finished."""
-        self._hashes.pop(request.request_id, None)
+        request.num_registered_blocks = 0

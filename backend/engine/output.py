@@ -23,10 +23,7 @@ from pagedserve.backend.engine.request import (
 
 REPLACEMENT_CHAR = "\ufffd"
 
-try:
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # pragma: no cover - tokenizers older than 0.21
-    DecodeStream = None
+from tokenizers.decoders import DecodeStream
 
 
 def _fast_decoder(tokenizer: Any) -> Any:
@@ -50,7 +47,7 @@ class IncrementalDetokenizer:
         # call per token, half the cost of the two decodes below. Our offsets follow its
         # emissions, so ``flush`` (and the fallback, should it refuse a token) carry on from them.
         self._stream: Any = None
-        if DecodeStream is not None and self._decoder is not tokenizer:
+        if self._decoder is not tokenizer:
             self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
@@ -102,21 +99,20 @@ class OutputState:
 
 
 class OutputProcessor:
+    """Stateless but for the tokenizer: each request's output state lives on the request."""
+
     def __init__(self, tokenizer: Any, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.states: dict[str, OutputState] = {}
 
-    def add_request(self, request: Request) -> None:
+    def start(self, request: Request) -> None:
+        """Give a newly admitted request its detokenizer and stop-string state."""
         params = request.params
-        self.states[request.request_id] = OutputState(
+        request.output = OutputState(
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
             hold=max((len(s) for s in params.stop), default=1) - 1,
             stop_token_ids=frozenset(params.stop_token_ids),
         )
-
-    def remove(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
 
     def process_token(
         self, request: Request, token_id: int, logprob: TokenLogprob | None
@@ -125,7 +121,8 @@ class OutputProcessor:
 
         Sets ``request.finish_reason`` when it stops; the engine then finishes it.
         """
-        state = self.states[request.request_id]
+        state = request.output
+        assert state is not None, "process_token before start"
         params = request.params
         request.output_token_ids.append(token_id)
         num_out = len(request.output_token_ids)

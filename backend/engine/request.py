@@ -5,8 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedserve.backend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from pagedserve.backend.engine.output import OutputState
 
 
 class RequestStatus(enum.Enum):
@@ -107,7 +113,12 @@ class RequestOutput:
 
 @dataclass(eq=False)
 class Request:
-    """Scheduling state of one request. The engine thread alone mutates it."""
+    """One request inside the engine core, and every piece of state it holds there: its tokens,
+    scheduling progress, KV blocks and their prefix-cache hashes, its block-table row, its
+    sampling generator and its output (detokenizer and stop-string) state. Finishing it is one
+    call (``Scheduler.finish``), which gives its blocks and row back; everything else goes with
+    the object. The engine thread alone mutates it.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -120,12 +131,26 @@ class Request:
     # Tokens whose K/V are in the cache or being computed by a launched step (prefix-cache
     # hits included).
     num_computed_tokens: int = 0
-    # Tokens sampled by launched steps whose ids have not reached the host yet (0 or 1; only
-    # with overlapped scheduling). The scheduler counts them as known tokens.
-    num_pending_outputs: int = 0
+    # Tokens sampled by launched steps whose ids the host has not received yet. With overlapped
+    # scheduling the next step is scheduled counting them as known; their ids reach that step's
+    # inputs on the device (``runner.batch.InFlightTokens``).
+    num_in_flight: int = 0
     # Prompt tokens served from the prefix cache at first admission (for usage).
     num_cached_prompt_tokens: int = -1
+
+    # -- KV cache (written by the BlockManager only) -----------------------------------------
     block_ids: list[int] = field(default_factory=list)
+    # Chained hashes of its full blocks, computed once each; and how many leading full blocks
+    # have been offered to the prefix index.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    # Its row of the block table while it holds blocks, else -1.
+    table_row: int = -1
+
+    # -- sampling and output (set when the core admits it) -----------------------------------
+    generator: "torch.Generator | None" = None
+    output: "OutputState | None" = None
+
     num_preemptions: int = 0
     # Steps that ran part of its prefill before the first token (chunked prefill).
     num_prefill_chunks: int = 0
@@ -141,12 +166,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens whose ids the host knows: the prompt and the outputs received so far."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def num_expected_tokens(self) -> int:
+    def num_tokens_with_in_flight(self) -> int:
         """Known tokens plus those sampled on the device but not yet seen by the host."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_outputs
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_in_flight
 
     @property
     def all_token_ids(self) -> list[int]:

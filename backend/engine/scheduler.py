@@ -14,8 +14,12 @@ starvation.
 
 With overlapped scheduling the next step is scheduled while the current one still runs on the
 device: a request whose token is being sampled counts that token as known
-(``num_pending_outputs``), so it gets its next decode slot now and its input id is taken from
+(``Request.num_in_flight``), so it gets its next decode slot now and its input id is taken from
 the device. One that will have reached max_tokens with that token is left out.
+
+A step's effect on the requests' bookkeeping is recorded here too, in two calls the engine core
+makes around the device work: ``launched`` (the step is queued: its tokens count as computed,
+its sampled tokens as in flight) and ``landed`` (its sampled ids are on the host).
 """
 
 from __future__ import annotations
@@ -24,28 +28,27 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedserve.backend.config import SchedulerConfig
 from pagedserve.backend.engine.block_manager import BlockManager
 from pagedserve.backend.engine.request import Request, RequestStatus
-from pagedserve.backend.errors import QueueFullError
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last known token, so a new one is sampled."""
-        req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_expected_tokens
+    # True when this step computes the request's last known token, so a new one is sampled.
+    samples: bool
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # The block manager's table: row ``request.table_row`` holds each scheduled request's blocks.
+    block_table: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
 
     @property
     def num_batched_tokens(self) -> int:
@@ -55,9 +58,14 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def samplers(self) -> list[Request]:
+        """The requests this step samples a token for, in batch order."""
+        return [s.request for s in self.scheduled if s.samples]
+
 
 def _reaches_max_tokens(req: Request) -> bool:
-    return len(req.output_token_ids) + req.num_pending_outputs >= req.params.max_tokens
+    return len(req.output_token_ids) + req.num_in_flight >= req.params.max_tokens
 
 
 class Scheduler:
@@ -73,24 +81,21 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add_request(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_queued_requests:
-            raise QueueFullError(
-                f"the waiting queue is full ({self.config.max_queued_requests} requests)"
-            )
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(block_table=self.block_manager.block_table.table)
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_pending_outputs and _reaches_max_tokens(req):
+            if req.num_in_flight and _reaches_max_tokens(req):
                 i += 1  # its last token is on the way: it finishes when that is processed
                 continue
-            n = min(req.num_expected_tokens - req.num_computed_tokens, budget)
+            expected = req.num_tokens_with_in_flight
+            n = min(expected - req.num_computed_tokens, budget)
             while not bm.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -98,7 +103,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n))
+                samples = req.num_computed_tokens + n == expected
+                out.scheduled.append(ScheduledRequest(req, n, samples))
                 budget -= n
                 i += 1
 
@@ -119,7 +125,7 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.num_pending_outputs:
+            if req.num_in_flight:
                 break  # preempted while its last token was in flight: admit once it lands
             hit = bm.match_prefix(req)
             req.num_computed_tokens = hit
@@ -133,7 +139,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n))
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
             budget -= n
 
     def _preempt(self, req: Request) -> None:
@@ -145,12 +151,40 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    # -- a step's effect on the requests -----------------------------------------------------
+    def launched(self, out: SchedulerOutput) -> list[int]:
+        """The step is queued on the device: its tokens count as computed and the tokens it
+        samples as in flight. Returns each scheduled request's computed count after the step
+        (what ``landed`` registers in the prefix cache)."""
+        computed_after = []
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            computed_after.append(req.num_computed_tokens)
+            if s.samples:
+                req.num_in_flight += 1
+        return computed_after
+
+    def landed(self, out: SchedulerOutput, computed_after: list[int]) -> None:
+        """The step's sampled ids are on the host (the caller records them): nothing is in
+        flight for it any more, and each running request's blocks that the step filled are
+        registered in the prefix cache (every id they hold is known by now)."""
+        bs = self.block_manager.block_size
+        for s, computed in zip(out.scheduled, computed_after):
+            req = s.request
+            if s.samples:
+                req.num_in_flight -= 1
+            # Only a step that filled a block has one to register (checked here: this runs
+            # for every request every step).
+            filled_a_block = computed // bs > (computed - s.num_new_tokens) // bs
+            if filled_a_block and req.status is RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(req, computed)
+
     def finish(self, req: Request) -> None:
-        """Remove a finished or aborted request wherever it is and free its blocks."""
+        """Remove a finished or aborted request wherever it is and free its blocks and row."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.block_manager.free(req)
-        self.block_manager.forget(req)
         req.status = RequestStatus.FINISHED

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.errors import ModelLoadError
-from pagedserve.backend.runner.step_batch import HEADER_LEN, StepBatch
+from pagedserve.backend.runner.batch import HEADER_LEN, StepBatch
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,16 @@
-"""Executes one scheduled step: flat varlen batch in, sampled token ids out.
+"""Executes one scheduled step: the scheduler's output in, a launched step out.
 
-The runner owns the model, the KV cache tensors and the sampler. It never decides who runs: it
-reads the scheduler's output (which requests, how many new tokens each, their block tables) and
-returns one token per request whose step reached the end of its known tokens.
+The runner coordinates the jobs that each live in a module of their own: the model
+(``models/``), the KV cache's size and tensors (``kv_cache.py``), the step's batch
+(``batch.py``), decode CUDA graphs (``graphs.py``) and sampling (``sampler.py``). It never
+decides who runs.
 
 With tensor parallelism there is one runner per rank, each holding its shard of the model and
-of the KV cache. Rank 0's runner (in the engine process) starts the others
-(``TensorParallelLeader``), builds each step's ``StepBatch`` and sends it to them; every rank
-then runs the same forward (``run_batch``), and rank 0 alone samples. Input ids that rank 0's
-device is still sampling (overlapped scheduling) reach the other ranks by a device-side
-broadcast inside the step.
+of the KV cache. Rank 0's runner (in the engine core) starts the others
+(``TensorParallelLeader``) and sends each step's ``StepBatch`` to them; every rank then runs the
+same forward (``forward``), and rank 0 alone samples. Input ids that rank 0's device is still
+sampling (overlapped scheduling) reach the other ranks by a device-side broadcast inside the
+step.
 """
 
 from __future__ import annotations
@@ -20,28 +21,27 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.request import Request, TokenLogprob
+from pagedserve.backend.engine.request import TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
-from pagedserve.backend.errors import EngineDeadError, ModelLoadError
+from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
 from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
-from pagedserve.backend.runner.block_table import PersistentBlockTables
-from pagedserve.backend.runner.cuda_graph import DecodeGraphs
-from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
-from pagedserve.backend.runner.sampler import (
-    DeviceSample,
-    Sampler,
-    SamplingBatch,
+from pagedserve.backend.runner.batch import (
+    InFlightTokens,
+    StepBatch,
+    StepInputs,
     arrays_to_device,
+    build_step_inputs,
 )
-from pagedserve.backend.runner.step_batch import StepBatch
+from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
+from pagedserve.backend.runner.graphs import DecodeGraphs
+from pagedserve.backend.runner.kv_cache import KVCacheShape, num_kv_blocks
+from pagedserve.backend.runner.sampler import DeviceSample, Sampler, SamplingBatch
 from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 
-GIB = 1 << 30
 # How long shutdown waits for an in-flight step before stopping the workers without a word.
 _SHUTDOWN_STEP_WAIT_S = 30.0
 # Polling a tensor-parallel step's completion: the first and the longest pause between checks
@@ -75,10 +75,9 @@ def _rank0_local_rank() -> int:
 
 
 @dataclass
-class StepResult:
-    """Sampled tokens of one step, aligned with ``requests`` (those whose step samples)."""
+class SampledTokens:
+    """One step's sampled ids (and logprobs), in the order of ``SchedulerOutput.samplers``."""
 
-    requests: list[Request]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
 
@@ -87,33 +86,16 @@ class StepResult:
 class LaunchedStep:
     """A step queued on the device whose sampled ids may still be on their way to the host."""
 
-    requests: list[Request]  # those whose step samples, in the order of ``sample``'s rows
     sample: DeviceSample | None  # None when the step samples nothing
-
     # How to wait for the sampled ids' copy to the host (None: a blocking synchronize).
     wait_for_copy: Callable[[torch.cuda.Event], None] | None = None
 
-    def sample_row(self, request: Request) -> int:
-        return self._rows[id(request)]
-
-    def __post_init__(self) -> None:
-        self._rows = {id(r): i for i, r in enumerate(self.requests)}
-
-    def wait(self) -> StepResult:
+    def wait(self) -> SampledTokens:
         """Block until this step's sampled ids are on the host."""
         if self.sample is None:
-            return StepResult([], [], [])
+            return SampledTokens([], [])
         out = self.sample.to_host(self.wait_for_copy)
-        return StepResult(self.requests, out.token_ids, out.logprobs)
-
-
-@dataclass
-class DeviceInputs:
-    """Input ids of a step that only rank 0's device knows yet: the batch's deferred row
-    ``i`` takes token ``sample_rows[i]`` of the previous step's sampled ids."""
-
-    sample_rows: np.ndarray  # [n] int64
-    sampled: torch.Tensor  # the previous step's sampled ids, on the device
+        return SampledTokens(out.token_ids, out.logprobs)
 
 
 class ModelRunner:
@@ -175,14 +157,18 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
-        self.generators: dict[str, torch.Generator] = {}
-        self.num_blocks = self._num_kv_blocks()
+        m = self.model
+        self.kv_shape = KVCacheShape(
+            m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, self.dtype, self.device
+        )
+        self.num_blocks = num_kv_blocks(
+            self.kv_shape, config.cache, self.max_model_len, self._profile_step
+        )
         if group is not None:  # every rank must hold the same block count
             self.num_blocks = group.all_reduce_min(self.num_blocks)
-        self.kv_caches = self._allocate_kv_caches(self.num_blocks)
-        self.block_tables = PersistentBlockTables(
-            config.scheduler.max_num_seqs, -(-self.max_model_len // self.block_size)
-        )
+        self.kv_caches = self.kv_shape.allocate(self.num_blocks)
+        # One slot per block-table row (the block manager's table has max_num_seqs rows).
+        self.in_flight = InFlightTokens(config.scheduler.max_num_seqs, self.device)
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             self.decode_graphs = self._capture_decode_graphs()
 
@@ -216,62 +202,16 @@ class ModelRunner:
             if idle:
                 self._step_lock.release()
 
-    # -- sizing ----------------------------------------------------------------------------
-    def kv_block_bytes(self) -> int:
-        m = self.model
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
-
-    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
-        m = self.model
-        shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
-
-    def _num_kv_blocks(self) -> int:
-        """Blocks that fit the memory budget; an error when they cannot hold one sequence of
-        max_model_len (every request would be refused, or the engine would thrash)."""
-        cache = self.config.cache
-        if cache.num_blocks is not None:
-            return cache.num_blocks
-        if self.device.type != "cuda":
-            blocks = int(cache.cpu_kv_cache_gib * GIB // self.kv_block_bytes())
-            budget = f"cpu_kv_cache_gib={cache.cpu_kv_cache_gib}"
-        else:
-            blocks = self._gpu_kv_blocks()
-            budget = f"gpu_memory_utilization={cache.gpu_memory_utilization}"
-        needed = -(-self.max_model_len // self.block_size)
-        if blocks < needed:
-            raise ModelLoadError(
-                f"the KV cache budget ({budget}) holds {max(blocks, 0)} blocks of "
-                f"{self.block_size} tokens, fewer than one sequence of max_model_len="
-                f"{self.max_model_len} needs ({needed}): raise the budget or lower max_model_len"
-            )
-        return blocks
-
-    def _gpu_kv_blocks(self) -> int:
-        cache = self.config.cache
-        # What a full-budget step needs beyond the weights: measured, not guessed.
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        self._profile_step()
-        activation_peak = torch.cuda.max_memory_allocated(self.device) - before
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - (1 - cache.gpu_memory_utilization) * total - activation_peak
-        return int(budget // self.kv_block_bytes())
-
+    # -- loading helpers -------------------------------------------------------------------
     @torch.inference_mode()
     def _profile_step(self) -> None:
         """One forward of max_num_batched_tokens prompt tokens plus sampling max_num_seqs rows,
         on a throwaway cache, to measure peak activation memory."""
         sched = self.config.scheduler
         n = sched.max_num_batched_tokens
-        bs = self.block_size
-        blocks = -(-n // bs)
-        caches = self._allocate_kv_caches(blocks)
+        caches = self.kv_shape.allocate(-(-n // self.block_size))
         dev = self.device
-        metadata = AttentionMetadata.single_prefill(n, bs, dev)
+        metadata = AttentionMetadata.single_prefill(n, self.block_size, dev)
         ids = torch.zeros(n, dtype=torch.int64, device=dev)
         hidden = self.model(ids, torch.arange(n, device=dev), caches, metadata)
         rows = min(sched.max_num_seqs, n)
@@ -280,119 +220,69 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         del caches, hidden, logits
 
+    def _run_model(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """The one call of the model's forward over the engine's KV cache."""
+        return self.model(input_ids, positions, self.kv_caches, metadata)
+
     def _capture_decode_graphs(self) -> DecodeGraphs:
         from pagedserve.kernels.paged_attention import choose_num_kv_splits
 
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         kv_heads = self.model.num_kv_heads
+        max_len = self.max_model_len
         graphs = DecodeGraphs(
-            self.model, self.kv_caches, self.config.scheduler.max_num_seqs, self.max_model_len,
-            self.block_size,
-            kv_splits_for=lambda size: choose_num_kv_splits(size, kv_heads, self.max_model_len, sms),
+            self._run_model,
+            self.attn_backend,  # type: ignore[arg-type]  # the Triton backend on CUDA
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_model_len=max_len,
+            block_size=self.block_size,
+            device=self.device,
+            kv_splits_for=lambda size: choose_num_kv_splits(size, kv_heads, max_len, sms),
         )
         graphs.capture()
         return graphs
 
-    # -- per-request state -----------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        if request.params.seed is not None:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(request.params.seed)
-            self.generators[request.request_id] = g
-
-    def remove_request(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
-        self.block_tables.release(request_id)
-
     # -- execution -------------------------------------------------------------------------
-    def build_batch(
-        self, sched: SchedulerOutput, previous: LaunchedStep | None = None
-    ) -> tuple[StepBatch, list[Request], DeviceInputs | None]:
-        """The step's flat batch, the requests whose last row is sampled (in row order), and
-        the input ids that come from ``previous`` (still in flight) rather than the host."""
-        ids: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        samplers: list[Request] = []
-        deferred_rows: list[int] = []
-        deferred_from: list[int] = []
-        table_rows: list[int] = []
-        max_blocks = 0
-        row_of = self.block_tables.row_of
-        for s in sched.scheduled:
-            req = s.request
-            n = s.num_new_tokens
-            start = req.num_computed_tokens
-            end = start + n
-            known = req.num_tokens
-            if end > known:  # its last input was sampled by the step still running
-                if previous is None or end != known + 1:
-                    raise RuntimeError(f"request {req.request_id}: input token {start} is unknown")
-                if n > 1:
-                    ids.extend(req.token_slice(start, known))
-                deferred_rows.append(len(ids))
-                deferred_from.append(previous.sample_row(req))
-                ids.append(0)
-            elif n == 1:  # decode: a plain int, no per-request array
-                ids.append(req.token_at(start))
-            else:
-                ids.extend(req.token_slice(start, end))
-            table_rows.append(row_of(req))
-            if len(req.block_ids) > max_blocks:
-                max_blocks = len(req.block_ids)
-            query_lens.append(n)
-            seq_lens.append(end)
-            if s.samples:
-                sample_rows.append(len(ids) - 1)
-                samplers.append(req)
-        batch = StepBatch(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            query_lens=np.asarray(query_lens, dtype=np.int32),
-            seq_lens=np.asarray(seq_lens, dtype=np.int32),
-            block_tables=self.block_tables.gather(table_rows, max_blocks),
-            sample_rows=np.asarray(sample_rows, dtype=np.int64),
-            deferred_rows=np.asarray(deferred_rows, dtype=np.int64),
-        )
-        deferred = None
-        if deferred_rows:
-            assert previous is not None and previous.sample is not None
-            deferred = DeviceInputs(np.asarray(deferred_from, dtype=np.int64), previous.sample.token_ids)
-        return batch, samplers, deferred
+    def generator_for(self, seed: int | None) -> torch.Generator | None:
+        """A request's own generator when it has a seed (same tokens whatever the batch)."""
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+    def execute(self, sched: SchedulerOutput) -> LaunchedStep:
         """Queue the step's forward and sampling on the device and start copying the sampled
-        ids back; returns without waiting for either. ``previous`` is the launched step whose
-        sampled ids some of this step's inputs are."""
-        batch, samplers, deferred = self.build_batch(sched, previous)
+        ids back; returns without waiting for either."""
+        inputs = build_step_inputs(sched)
+        samplers = sched.samplers
         with self._step_lock:
             if self.leader is None:
-                logits = self.run_batch(batch, deferred)
+                logits, sample_slots = self._forward(inputs.batch, inputs)
             else:
-                logits = self._run_with_workers(batch, deferred)
+                logits, sample_slots = self._forward_with_workers(inputs)
             if logits is None:
-                return LaunchedStep([], None)
-            sampling = SamplingBatch.from_requests(
-                samplers,
-                logits.shape[-1],
-                self.device,
-                [self.generators.get(r.request_id) for r in samplers],
-            )
+                return LaunchedStep(None)
+            assert sample_slots is not None  # rank 0 always has them
+            sampling = SamplingBatch.from_requests(samplers, logits.shape[-1], self.device)
             sample = self.sampler.sample(logits, sampling)
+            self.in_flight.store(sample_slots, sample.token_ids)
             sample.start_copy()
         wait_for_copy = self._wait_watching_workers if self.leader is not None else None
-        return LaunchedStep(samplers, sample, wait_for_copy)
+        return LaunchedStep(sample, wait_for_copy)
 
-    def _run_with_workers(self, batch: StepBatch, deferred: DeviceInputs | None) -> torch.Tensor | None:
+    def _forward_with_workers(
+        self, inputs: StepInputs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Rank 0's half of a tensor-parallel step. Any failure once the batch is out leaves
         the ranks out of step (or one of them gone): the engine cannot go on."""
         assert self.leader is not None and self.group is not None
         self.check_alive()
         try:
             with self._on_device():
-                self.group.send_step(batch)
-                return self.run_batch(batch, deferred)
+                self.group.send_step(inputs.batch)
+                return self._forward(inputs.batch, inputs)
         except Exception as exc:
             raise EngineDeadError(self.leader.step_failed(exc)) from exc
 
@@ -414,45 +304,34 @@ class ModelRunner:
         except Exception as exc:  # a failed collective surfaces at the first sync after it
             raise EngineDeadError(self.leader.step_failed(exc)) from exc
 
-    def _deferred_ids(
-        self, deferred: DeviceInputs | None, taken_rows: torch.Tensor | None, n: int
-    ) -> torch.Tensor:
-        """The ids the previous step sampled, for this step's deferred rows. Rank 0 picks them
-        from its sampled ids; with tensor parallelism it broadcasts them to the other ranks on
-        the device, in stream order, so no rank's host waits for them."""
-        if deferred is not None:
-            assert taken_rows is not None
-            ids = deferred.sampled.index_select(0, taken_rows)
-        else:
-            if self.group is None or self.rank == 0:
-                raise RuntimeError("a step with deferred input ids needs the previous step's sample")
-            ids = torch.empty(n, dtype=torch.int64, device=self.device)
-        if self.group is not None:
-            self.group.broadcast_from_rank0(ids)
-        return ids
-
     def _on_device(self) -> AbstractContextManager[object]:
         """Kernels and NCCL calls use the thread's current device, and the engine thread is not
         the one that loaded the model."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
     @torch.inference_mode()
-    def run_batch(self, batch: StepBatch, deferred: DeviceInputs | None = None) -> torch.Tensor | None:
+    def forward(self, batch: StepBatch) -> None:
+        """A worker's share of a step (ranks > 0): the same forward as rank 0, no sampling."""
+        self._forward(batch, None)
+
+    def _forward(
+        self, batch: StepBatch, inputs: StepInputs | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The forward every rank runs for a step: fp32 logits of the sampled rows (None when
-        the step samples nothing). ``deferred`` (rank 0) fills the input ids the host does not
-        know yet."""
+        the step samples nothing) and, on rank 0 (``inputs`` given), the device copy of the
+        samplers' in-flight slots."""
         positions = batch.positions()
         host = [
             batch.slot_mapping(positions, self.block_size), batch.query_start_loc(),
             batch.seq_lens, batch.block_tables, batch.input_ids, positions, batch.sample_rows,
-            batch.deferred_rows,
+            batch.in_flight_rows,
         ]
-        if deferred is not None:
-            host.append(deferred.sample_rows)
-        slots, starts, seq_lens, tables, input_ids, positions_t, sample_rows, deferred_rows, *taken = (
-            arrays_to_device(host, self.device)
-        )
-        taken_rows = taken[0] if taken else None  # device copy of deferred.sample_rows
+        if inputs is not None:
+            host += [inputs.in_flight_slots, inputs.sample_slots]
+        (
+            slots, starts, seq_lens, tables, input_ids, positions_t, sample_rows, in_flight_rows,
+            *rank0,
+        ) = arrays_to_device(host, self.device)
         metadata = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=starts,
@@ -463,12 +342,27 @@ class ModelRunner:
             query_lens_cpu=batch.query_lens.tolist(),
             seq_lens_cpu=batch.seq_lens.tolist(),
         )
-        if len(batch.deferred_rows):
-            input_ids.index_copy_(0, deferred_rows, self._deferred_ids(deferred, taken_rows, len(batch.deferred_rows)))
+        if len(batch.in_flight_rows):
+            input_ids.index_copy_(0, in_flight_rows, self._in_flight_ids(rank0, len(batch.in_flight_rows)))
         if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
             hidden = self.decode_graphs.run(input_ids, positions_t, metadata)
         else:
-            hidden = self.model(input_ids, positions_t, self.kv_caches, metadata)
+            hidden = self._run_model(input_ids, positions_t, metadata)
+        sample_slots = rank0[1] if rank0 else None
         if len(batch.sample_rows) == 0:
-            return None
-        return self.model.compute_logits(hidden[sample_rows])
+            return None, sample_slots
+        return self.model.compute_logits(hidden[sample_rows]), sample_slots
+
+    def _in_flight_ids(self, rank0: list[torch.Tensor], n: int) -> torch.Tensor:
+        """The ids the previous step sampled, for this step's in-flight inputs. Rank 0 reads
+        them from its in-flight slots; with tensor parallelism it broadcasts them to the other
+        ranks on the device, in stream order, so no rank's host waits for them."""
+        if rank0:
+            ids = self.in_flight.load(rank0[0])
+        elif self.group is None or self.rank == 0:
+            raise RuntimeError("a step with in-flight inputs needs rank 0's slots")
+        else:
+            ids = torch.empty(n, dtype=torch.int64, device=self.device)
+        if self.group is not None:
+            self.group.broadcast_from_rank0(ids)
+        return ids

@@ -8,62 +8,61 @@ which needs no cumulative sum and no host round trip.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-import numpy as np
 import torch
 
 from pagedserve.backend.engine.request import Request, TokenLogprob
+from pagedserve.backend.runner.batch import to_device
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor to the device without waiting for the device's queued work
-    (a plain copy from pageable memory synchronises the stream)."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+class LogitsProcessor(Protocol):
+    """A per-step change to the logits before sampling, built from the step's requests:
+    penalties, min_tokens' banned ids, and (to come) grammar bitmasks. ``apply`` runs on the
+    device without host synchronisation and may modify ``logits`` in place; it returns the
+    logits to use."""
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
 
 
-# Each array's start in the packed buffer, in int64 elements: 16 bytes. Triton specializes a
-# kernel on whether each pointer argument is 16-byte aligned, so a slice whose alignment
-# changed with the step's sizes would compile a second variant of every kernel it reaches,
-# stalling every stream the first time.
-_PACK_ALIGN = 2
+@dataclass
+class BannedTokens:
+    """Ids masked out of some rows (min_tokens: EOS and stop ids until enough tokens)."""
+
+    rows: list[tuple[int, list[int]]]  # (row, token ids)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for row, ids in self.rows:
+            logits[row, ids] = float("-inf")
+        return logits
 
 
-def pack_arrays(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-    """The arrays as one flat int64 buffer, each starting 16-byte aligned; returns the buffer
-    and each array's start (in elements)."""
-    starts, total = [], 0
-    for a in arrays:
-        starts.append(total)
-        total += -(-a.size // _PACK_ALIGN) * _PACK_ALIGN
-    packed = np.zeros(total, dtype=np.int64)
-    for a, start in zip(arrays, starts):
-        packed[start : start + a.size] = a.reshape(-1)
-    return packed, starts
+@dataclass
+class RepetitionPenalty:
+    """Divides positive logits (multiplies negative ones) of every token seen in prompt or
+    output."""
+
+    penalty: torch.Tensor  # [N, 1] fp32
+    seen: torch.Tensor  # [N, V] bool
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+        return torch.where(self.seen, penalised, logits)
 
 
-def arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Several small integer arrays on the device through one pinned buffer and one copy (each
-    transfer costs the host tens of microseconds, a step has about ten of them); each comes
-    back with its own shape and dtype. On the CPU they are the arrays themselves, uncopied."""
-    if device.type != "cuda":
-        return [torch.from_numpy(a) for a in arrays]
-    packed, starts = pack_arrays(arrays)
-    flat = to_device(torch.from_numpy(packed), device)
-    out = []
-    for a, start in zip(arrays, starts):
-        part = flat[start : start + a.size].view(a.shape)
-        out.append(part if a.dtype == np.int64 else part.to(_torch_dtype(a.dtype)))
-    return out
+@dataclass
+class OccurrencePenalties:
+    """Presence and frequency penalties over the tokens generated so far."""
 
+    presence: torch.Tensor  # [N, 1]
+    frequency: torch.Tensor  # [N, 1]
+    counts: torch.Tensor  # [N, V] fp32
 
-@functools.cache
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits - self.frequency * self.counts
+        return logits - self.presence * (self.counts > 0).float()
 
 
 @dataclass
@@ -74,12 +73,8 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # [N] int64, vocab size where off
     top_p: torch.Tensor | None  # [N] fp32
     min_p: torch.Tensor | None  # [N] fp32
-    repetition_penalty: torch.Tensor | None  # [N, 1] fp32
-    presence_penalty: torch.Tensor | None  # [N, 1]
-    frequency_penalty: torch.Tensor | None  # [N, 1]
-    seen_tokens: torch.Tensor | None  # [N, V] bool, prompt + output (repetition penalty)
-    output_counts: torch.Tensor | None  # [N, V] fp32 (presence / frequency)
-    banned: list[tuple[int, list[int]]]  # (row, token ids) masked until min_tokens is reached
+    # Applied in order before temperature and filtering.
+    processors: list[LogitsProcessor]
     generators: list[torch.Generator | None]
     all_greedy: bool
     max_logprobs: int  # -1 when no row wants logprobs
@@ -87,8 +82,7 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(
-        cls, requests: list[Request], vocab_size: int, device: torch.device,
-        generators: list[torch.Generator | None],
+        cls, requests: list[Request], vocab_size: int, device: torch.device
     ) -> "SamplingBatch":
         params = [r.params for r in requests]
         n = len(requests)
@@ -107,22 +101,7 @@ class SamplingBatch:
             if any(p.min_p > 0.0 for p in params):
                 min_p = column([p.min_p for p in params])
 
-        rep = pres = freq = seen = counts = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            rep = column([p.repetition_penalty for p in params]).unsqueeze(1)
-            seen = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
-            for i, r in enumerate(requests):
-                ids = torch.tensor(r.all_token_ids, dtype=torch.int64, device=device)
-                seen[i, ids] = True
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-            pres = column([p.presence_penalty for p in params]).unsqueeze(1)
-            freq = column([p.frequency_penalty for p in params]).unsqueeze(1)
-            counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
-            for i, r in enumerate(requests):
-                if r.output_token_ids:
-                    ids = torch.tensor(r.output_token_ids, dtype=torch.int64, device=device)
-                    counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
-
+        processors: list[LogitsProcessor] = []
         banned = []
         for i, r in enumerate(requests):
             if len(r.output_token_ids) < r.params.min_tokens:
@@ -131,14 +110,35 @@ class SamplingBatch:
                     ids += list(r.eos_token_ids)
                 if ids:
                     banned.append((i, ids))
+        if banned:
+            processors.append(BannedTokens(banned))
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
+            for i, r in enumerate(requests):
+                ids = torch.tensor(r.all_token_ids, dtype=torch.int64, device=device)
+                seen[i, ids] = True
+            penalty = column([p.repetition_penalty for p in params]).unsqueeze(1)
+            processors.append(RepetitionPenalty(penalty, seen))
+        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+            counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
+            for i, r in enumerate(requests):
+                if r.output_token_ids:
+                    ids = torch.tensor(r.output_token_ids, dtype=torch.int64, device=device)
+                    counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+            processors.append(
+                OccurrencePenalties(
+                    presence=column([p.presence_penalty for p in params]).unsqueeze(1),
+                    frequency=column([p.frequency_penalty for p in params]).unsqueeze(1),
+                    counts=counts,
+                )
+            )
 
         logprobs_n = [p.logprobs for p in params]
         wanted = [x for x in logprobs_n if x is not None]
         return cls(
             temperature=temperature,
             top_k=top_k, top_p=top_p, min_p=min_p,
-            repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
-            seen_tokens=seen, output_counts=counts, banned=banned, generators=generators,
+            processors=processors, generators=[r.generator for r in requests],
             all_greedy=all_greedy, max_logprobs=max(wanted) if wanted else -1,
             logprobs_n=logprobs_n,
         )
@@ -219,7 +219,8 @@ class Sampler:
         """Sample every row on the logits' device, without any host synchronisation."""
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs >= 0 else None
-        logits = self._apply_penalties(logits, batch)
+        for processor in batch.processors:
+            logits = processor.apply(logits)
 
         if batch.all_greedy:
             sampled = logits.argmax(dim=-1)
@@ -233,21 +234,6 @@ class Sampler:
             if k:
                 top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
         return DeviceSample(sampled, chosen, top_vals, top_ids, batch.logprobs_n)
-
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        for row, ids in batch.banned:
-            logits[row, ids] = float("-inf")
-        if batch.repetition_penalty is not None and batch.seen_tokens is not None:
-            penalised = torch.where(
-                logits > 0, logits / batch.repetition_penalty, logits * batch.repetition_penalty
-            )
-            logits = torch.where(batch.seen_tokens, penalised, logits)
-        if batch.output_counts is not None:
-            assert batch.presence_penalty is not None and batch.frequency_penalty is not None
-            logits = logits - batch.frequency_penalty * batch.output_counts
-            logits = logits - batch.presence_penalty * (batch.output_counts > 0).float()
-        return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         assert batch.temperature is not None  # built whenever a row is not greedy

@@ -135,7 +135,7 @@ def run_worker(spec: WorkerSpec) -> int:
         batch = group.receive_step()
         if batch is None:
             break
-        runner.run_batch(batch)
+        runner.forward(batch)
     lifeline.stop.set()
     runner.release_decode_graphs()
     group.destroy(wait_s=config.parallel.distributed_timeout_s)

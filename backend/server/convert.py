@@ -42,7 +42,7 @@ _FINISH_REASONS = {
 
 @dataclass
 class PromptInput:
-    """The request's input, resolved to what ``AsyncEngine.generate`` takes."""
+    """The request's input, resolved to what ``EngineClient.generate`` takes."""
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None

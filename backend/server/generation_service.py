@@ -35,7 +35,7 @@ from pagedserve.backend.telemetry.tracing import NoTrace, RpcTrace
 from pagedserve.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.async_engine import AsyncEngine
+    from pagedserve.backend.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,14 @@ class GenerationServicer:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _serving_engine(self) -> "AsyncEngine":
+    def _serving_engine(self) -> "EngineClient":
         reason = self._state.unavailable_reason()
         if reason is not None:
             raise UnavailableError(reason)
         assert self._state.engine is not None
         return self._state.engine
 
-    def _loaded_engine(self) -> "AsyncEngine":
+    def _loaded_engine(self) -> "EngineClient":
         """For read-only RPCs, which keep answering while the server drains."""
         if self._state.engine is None:
             raise UnavailableError(self._state.unavailable_reason() or "model is loading")

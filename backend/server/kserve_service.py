@@ -49,7 +49,7 @@ from pagedserve.backend.server.status import (
 from pagedserve.backend.server.wire import UndecodableRequest, tolerant_deserializer
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.async_engine import AsyncEngine
+    from pagedserve.backend.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -162,20 +162,20 @@ class KServeServicer:
         if version not in ("", MODEL_VERSION):
             raise UnknownModelError(name, version)
 
-    def _serving_engine(self) -> AsyncEngine:
+    def _serving_engine(self) -> EngineClient:
         reason = self._state.unavailable_reason()
         if reason is not None:
             raise UnavailableError(reason)
         assert self._state.engine is not None
         return self._state.engine
 
-    def _loaded_engine(self) -> AsyncEngine:
+    def _loaded_engine(self) -> EngineClient:
         """For read-only methods, which keep answering while the server drains."""
         if self._state.engine is None:
             raise UnavailableError(self._state.unavailable_reason() or "model is loading")
         return self._state.engine
 
-    def _parse(self, request: Any) -> tuple[AsyncEngine, InferRequest]:
+    def _parse(self, request: Any) -> tuple[EngineClient, InferRequest]:
         if isinstance(request, UndecodableRequest):
             raise InvalidArgumentError(request.field, request.reason)
         self._check_model(request.model_name, request.model_version)
@@ -183,7 +183,7 @@ class KServeServicer:
         return engine, parse_infer_request(request, self._model_name)
 
     async def _deltas(
-        self, engine: AsyncEngine, request: InferRequest, completion: _Completion
+        self, engine: EngineClient, request: InferRequest, completion: _Completion
     ) -> AsyncIterator[RequestOutputDelta]:
         """Run ``request`` in the engine, adding each delta to ``completion`` as it comes.
 
@@ -204,7 +204,7 @@ class KServeServicer:
                 yield delta
 
     async def _decoupled_responses(
-        self, engine: AsyncEngine, request: InferRequest, completion: _Completion
+        self, engine: EngineClient, request: InferRequest, completion: _Completion
     ) -> AsyncIterator[Any]:
         """The ModelInferResponses of one request on a stream, each with its final flag."""
         names = {"model_name": self._model_name, "model_version": MODEL_VERSION}

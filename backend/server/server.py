@@ -35,7 +35,7 @@ from pagedserve.backend.server.state import ServerState
 from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.async_engine import AsyncEngine
+    from pagedserve.backend.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
     return StartedServer(server, state, port, names)
 
 
-async def warm_up(engine: "AsyncEngine") -> None:
+async def warm_up(engine: "EngineClient") -> None:
     """One short greedy generation through the whole path (prefill, decode, detokenize)."""
     from pagedserve.backend.sampling_params import SamplingParams
 
@@ -134,11 +134,11 @@ async def load_engine(
     state: ServerState, engine_config: EngineConfig, config: ServerConfig
 ) -> None:
     """Load in a worker thread (the event loop keeps answering), warm up, mark ready."""
-    from pagedserve.backend.engine.async_engine import AsyncEngine
+    from pagedserve.backend.engine.client import EngineClient
 
     try:
         engine = await asyncio.to_thread(
-            AsyncEngine.from_config,
+            EngineClient.from_config,
             engine_config,
             stream_interval=config.stream_interval,
             engine_process=wants_engine_process(config, engine_config),

@@ -28,7 +28,7 @@ from pagedserve.backend.server.health import HealthServicer
 from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.async_engine import AsyncEngine
+    from pagedserve.backend.engine.client import EngineClient
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ServerState:
 
     served_model_name: str
     health: HealthServicer = field(default_factory=HealthServicer)
-    engine: "AsyncEngine | None" = None
+    engine: "EngineClient | None" = None
     draining: bool = False
     load_error: str | None = None
     # Fully qualified service names whose health status follows the serving phase.
@@ -74,7 +74,7 @@ class ServerState:
             self.health_services.append(name)
         await self._publish()
 
-    async def mark_ready(self, engine: "AsyncEngine") -> None:
+    async def mark_ready(self, engine: "EngineClient") -> None:
         # The engine's name is authoritative (it knows the default model's name).
         self.served_model_name = engine.model_info.name
         self.engine = engine

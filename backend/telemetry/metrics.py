@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.engine import LoadInfo, StepInfo
+    from pagedserve.backend.engine.messages import LoadInfo, StepInfo
 
 PREFIX = "pagedserve"
 MODEL_LABEL = "model_name"

@@ -20,7 +20,7 @@ from pagedserve.backend.telemetry.metrics import ServingMetrics
 from pagedserve.backend.telemetry.tracing import BEGIN, RPC_END, RequestTracer
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.engine import StepInfo
+    from pagedserve.backend.engine.messages import StepInfo
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.sdk.trace import TracerProvider
 
-    from pagedserve.backend.engine.async_engine import AsyncEngine
+    from pagedserve.backend.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ServerTelemetry:
         if self.tracing:
             logger.info("tracing: exporting spans over OTLP")
 
-    def attach(self, engine: "AsyncEngine") -> None:
+    def attach(self, engine: "EngineClient") -> None:
         """Observe ``engine``: its steps and deliveries go to the telemetry thread."""
         if self._observer is None:
             return

@@ -27,7 +27,7 @@ from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 from pagedserve.backend.telemetry import names as n
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.engine import StepInfo
+    from pagedserve.backend.engine.messages import StepInfo
     from pagedserve.backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -447,9 +447,9 @@ def stage_profile_decode(name: str, tokenizer: Path, work: Path) -> dict[str, An
         engine.vocab_size, _special_ids(engine.tokenizer))
     params = SamplingParams(max_tokens=BENCH_OUTPUT, temperature=0.0, ignore_eos=True,
                             detokenize=False)
-    requests = [engine.make_request(prompt_token_ids=p, params=params) for p in prompts]
+    requests = [engine.builder.build(prompt_token_ids=p, params=params) for p in prompts]
     for request in requests:
-        engine.add_request(request)
+        engine.add(request)
     while any(not r.output_token_ids for r in requests):  # every prefill done
         engine.step()
 

@@ -12,7 +12,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
+from pagedserve.backend.engine.client import EngineClient
 from pagedserve.backend.engine.request import FinishReason
 from pagedserve.backend.errors import QueueFullError
 
@@ -30,12 +30,12 @@ def engine(tiny_llama_dir, engine_process):
     config = EngineConfig.from_kwargs(
         model=str(tiny_llama_dir), device="cpu", num_blocks=96, max_queued_requests=64
     )
-    eng = AsyncEngine.from_config(config, engine_process=engine_process)
+    eng = EngineClient.from_config(config, engine_process=engine_process)
     yield eng
     eng.shutdown()
 
 
-async def wait_all_free(engine: AsyncEngine, timeout: float = 10.0) -> None:
+async def wait_all_free(engine: EngineClient, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         load = engine.get_load()
@@ -45,7 +45,7 @@ async def wait_all_free(engine: AsyncEngine, timeout: float = 10.0) -> None:
     raise AssertionError(f"blocks not freed: {engine.get_load()}")
 
 
-async def collect(engine: AsyncEngine, prompt: str, params: SamplingParams):
+async def collect(engine: EngineClient, prompt: str, params: SamplingParams):
     deltas = [d async for d in engine.generate(prompt=prompt, params=params)]
     return deltas
 
@@ -109,7 +109,7 @@ async def test_queue_limit_raises_queue_full(tiny_llama_dir, engine_process) -> 
     config = EngineConfig.from_kwargs(
         model=str(tiny_llama_dir), device="cpu", max_queued_requests=2, max_num_seqs=1
     )
-    eng = AsyncEngine.from_config(config, engine_process=engine_process)
+    eng = EngineClient.from_config(config, engine_process=engine_process)
     try:
         params = SamplingParams(max_tokens=200, ignore_eos=True)
         streams = []
@@ -142,7 +142,7 @@ async def test_stream_interval_sends_the_first_token_at_once_then_groups(
     """With stream_interval 4 the first delta still carries the first token alone (time to
     first token unchanged), every later one but the last at least 4 tokens."""
     config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), device="cpu", num_blocks=96)
-    eng = AsyncEngine.from_config(config, stream_interval=4, engine_process=engine_process)
+    eng = EngineClient.from_config(config, stream_interval=4, engine_process=engine_process)
     first_taken = threading.Event()
     steps = 0
 
@@ -177,4 +177,4 @@ def test_stream_interval_below_one_is_refused_before_loading(tmp_path) -> None:
     # A model path that does not exist: a load would fail with ModelLoadError instead.
     config = EngineConfig.from_kwargs(model=str(tmp_path / "missing"), device="cpu")
     with pytest.raises(ValueError, match="stream_interval"):
-        AsyncEngine.from_config(config, stream_interval=0)
+        EngineClient.from_config(config, stream_interval=0)

@@ -7,6 +7,10 @@ from pagedserve.backend.engine.request import Request
 from pagedserve.backend.sampling_params import SamplingParams
 
 
+def manager(num_blocks: int, block_size: int, **kwargs) -> BlockManager:
+    return BlockManager(num_blocks, block_size, max_seqs=8, max_blocks_per_seq=64, **kwargs)
+
+
 def make_request(rid: str, tokens: list[int]) -> Request:
     return Request(rid, tokens, SamplingParams(max_tokens=4))
 
@@ -25,7 +29,7 @@ def test_chained_hash_depends_on_prefix() -> None:
 
 
 def test_allocate_and_free_restore_every_block() -> None:
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = manager(8, 4)
     req = make_request("a", list(range(10)))
     assert bm.allocate_slots(req, 10)
     assert len(req.block_ids) == 3 and bm.num_free_blocks == 5
@@ -35,7 +39,7 @@ def test_allocate_and_free_restore_every_block() -> None:
 
 
 def test_prefix_hit_shares_blocks_and_counts() -> None:
-    bm = BlockManager(num_blocks=16, block_size=4)
+    bm = manager(16, 4)
     prefix = list(range(100, 112))  # three full blocks
     a = make_request("a", prefix + [1, 2])
     assert bm.match_prefix(a) == 0
@@ -49,7 +53,7 @@ def test_prefix_hit_shares_blocks_and_counts() -> None:
 
 
 def test_full_prompt_hit_leaves_one_token_to_compute() -> None:
-    bm = BlockManager(num_blocks=16, block_size=4)
+    bm = manager(16, 4)
     a = make_request("a", list(range(8)))
     compute(bm, a, 8)
     bm.free(a)
@@ -58,7 +62,7 @@ def test_full_prompt_hit_leaves_one_token_to_compute() -> None:
 
 
 def test_freed_cached_blocks_are_reused_lru_and_evicted_on_reallocation() -> None:
-    bm = BlockManager(num_blocks=4, block_size=2)
+    bm = manager(4, 2)
     a = make_request("a", [1, 2, 3, 4, 5])
     compute(bm, a, 5)
     bm.free(a)
@@ -76,7 +80,7 @@ def test_freed_cached_blocks_are_reused_lru_and_evicted_on_reallocation() -> Non
 
 
 def test_prefix_caching_disabled() -> None:
-    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    bm = manager(8, 4, enable_prefix_caching=False)
     a = make_request("a", list(range(9)))
     compute(bm, a, 9)
     b = make_request("b", list(range(9)))

@@ -30,8 +30,8 @@ def test_shared_prefix_reuses_blocks_and_computes_only_the_rest(llm) -> None:
     hits_before = engine.block_manager.prefix_cache_hits
 
     second_prompt = prefix + [9, 10, 11, 12]
-    request = engine.make_request(prompt_token_ids=second_prompt, params=greedy)
-    engine.add_request(request)
+    request = engine.builder.build(prompt_token_ids=second_prompt, params=greedy)
+    engine.add(request)
     deltas = engine.step()
     # The first step computed only the tokens after the cached 80.
     assert engine.last_step.num_prefill_tokens == len(second_prompt) - 80
@@ -89,7 +89,7 @@ def test_stop_string_ends_generation(llm) -> None:
 def test_bad_input_raises_typed_error_naming_the_field(llm, kwargs, field) -> None:
     kwargs.setdefault("params", SamplingParams())
     with pytest.raises(InvalidRequestError) as info:
-        llm.engine.make_request(**kwargs)
+        llm.engine.builder.build(**kwargs)
     assert info.value.field == field and field in str(info.value)
     # The engine keeps serving.
     assert llm.generate(["still fine"], SamplingParams(max_tokens=2))[0].usage.completion_tokens == 2
@@ -98,17 +98,17 @@ def test_bad_input_raises_typed_error_naming_the_field(llm, kwargs, field) -> No
 def test_requests_that_can_never_fit_are_refused(llm) -> None:
     limit = llm.engine.max_model_len
     with pytest.raises(RequestTooLongError) as info:
-        llm.engine.make_request(prompt_token_ids=[5] * limit, params=SamplingParams())
+        llm.engine.builder.build(prompt_token_ids=[5] * limit, params=SamplingParams())
     assert info.value.field == "prompt"
     with pytest.raises(RequestTooLongError) as info:
-        llm.engine.make_request(prompt_token_ids=[5] * 10, params=SamplingParams(max_tokens=limit))
+        llm.engine.builder.build(prompt_token_ids=[5] * 10, params=SamplingParams(max_tokens=limit))
     assert info.value.field == "max_tokens"
 
 
 def test_request_larger_than_the_whole_cache_is_refused(tiny_llama_dir) -> None:
     small = LLM(str(tiny_llama_dir), device="cpu", block_size=16, num_blocks=4)
     with pytest.raises(RequestTooLongError, match="KV blocks"):
-        small.engine.make_request(prompt_token_ids=[5] * 60, params=SamplingParams(max_tokens=10))
+        small.engine.builder.build(prompt_token_ids=[5] * 60, params=SamplingParams(max_tokens=10))
 
 
 def test_unknown_model_path() -> None:
@@ -118,8 +118,8 @@ def test_unknown_model_path() -> None:
 
 def test_aborted_request_frees_its_blocks(llm) -> None:
     engine = llm.engine
-    request = engine.make_request(prompt_token_ids=list(range(100, 150)), params=SamplingParams(max_tokens=50))
-    engine.add_request(request)
+    request = engine.builder.build(prompt_token_ids=list(range(100, 150)), params=SamplingParams(max_tokens=50))
+    engine.add(request)
     engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
     final = engine.abort(request.request_id)

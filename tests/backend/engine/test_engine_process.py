@@ -13,7 +13,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,16 +20,21 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
-from pagedserve.backend.engine.engine import LLMEngine, LoadInfo, StepInfo
-from pagedserve.backend.engine.engine_loop import EngineLoop
-from pagedserve.backend.engine.engine_process import _decode, _encode
+from pagedserve.backend.engine.client import EngineClient
+from pagedserve.backend.engine.core import EngineCore
+from pagedserve.backend.engine.messages import (
+    WIRE_VERSION,
+    AbortRequest,
+    Shutdown,
+    StepOutputs,
+    decode,
+    encode,
+)
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 from pagedserve.backend.errors import (
     EngineDeadError,
     InvalidRequestError,
     ModelLoadError,
-    PagedServeError,
     RequestTooLongError,
 )
 from tests.backend.runner.tp_harness import assert_gone
@@ -44,7 +48,7 @@ def _config(model_dir: Path, **kwargs) -> EngineConfig:
 
 @pytest.fixture
 def process_engine(tiny_llama_dir):
-    eng = AsyncEngine.from_config(_config(tiny_llama_dir), engine_process=True)
+    eng = EngineClient.from_config(_config(tiny_llama_dir), engine_process=True)
     yield eng
     eng.shutdown()
 
@@ -84,69 +88,66 @@ async def test_bad_requests_fail_in_the_server_process_and_the_engine_goes_on(
     assert process_engine.tokenize("Still alive") == ref.prompt_token_ids
 
 
-def test_deltas_cross_the_pipe_unchanged(tiny_llama_dir) -> None:
-    """Mid-stream deltas travel as plain tuples: every delta of real generations (stop
-    strings, logprobs, length and stop finishes, a preemption) comes back equal."""
-    engine = LLMEngine(_config(tiny_llama_dir, num_blocks=6, max_num_seqs=4))
+def test_step_outputs_cross_the_socket_unchanged(tiny_llama_dir) -> None:
+    """Mid-stream deltas travel in columns: every delta of real generations (stop strings,
+    logprobs, length and stop finishes, a preemption) comes back equal, in order."""
+    core = EngineCore(_config(tiny_llama_dir, num_blocks=6, max_num_seqs=4))
     for i, params in enumerate([
         SamplingParams(max_tokens=30, ignore_eos=True),
         SamplingParams(max_tokens=30, temperature=0.8, seed=3, stop=[" the", "."]),
         SamplingParams(max_tokens=12, logprobs=2, ignore_eos=True),
         SamplingParams(max_tokens=40, ignore_eos=True),
     ]):
-        engine.add_request(engine.builder.build(prompt=f"Request {i} goes" * 3, params=params))
-    deltas: list[RequestOutputDelta] = []
-    while engine.has_unfinished():
-        deltas += engine.step()
-    assert engine.scheduler.num_preemptions > 0  # 6 blocks cannot hold all four
+        core.add(core.builder.build(prompt=f"Request {i} goes" * 3, params=params))
+    steps: list[StepOutputs] = []
+    while core.has_unfinished():
+        steps.append(StepOutputs(core.step(), core.last_step, core.get_load()))
+    assert core.scheduler.num_preemptions > 0  # 6 blocks cannot hold all four
+    deltas = [d for s in steps for d in s.deltas]
     assert sum(d.finished for d in deltas) == 4
-    wire = pickle.loads(pickle.dumps([_encode(d) for d in deltas]))
-    assert sum(type(w) is tuple for w in wire) > len(deltas) // 2
-    assert [_decode(w) for w in wire] == deltas
+    assert sum(d.logprobs is None and not d.finished for d in deltas) > len(deltas) // 2
+    assert [decode(encode(s)) for s in steps] == steps
 
 
-class _RecordingSink:
-    def __init__(self) -> None:
-        self.deltas: list[RequestOutputDelta] = []
-        self.rejected: list[tuple[str, PagedServeError]] = []
-        self.failed: list[EngineDeadError] = []
-
-    def deliver(self, deltas: list[RequestOutputDelta], step: StepInfo | None, load: LoadInfo, adds_taken: int) -> None:
-        self.deltas += deltas
-
-    def reject(self, request_id: str, error: PagedServeError) -> None:
-        self.rejected.append((request_id, error))
-
-    def fail(self, error: EngineDeadError) -> None:
-        self.failed.append(error)
+def test_a_frame_of_another_wire_version_is_refused() -> None:
+    frame = pickle.dumps((WIRE_VERSION + 1, Shutdown()))
+    with pytest.raises(ValueError, match="wire version"):
+        decode(frame)
+    assert decode(encode(AbortRequest("r"))) == AbortRequest("r")
 
 
-def test_the_loop_refuses_an_id_that_is_still_running(tiny_llama_dir) -> None:
-    """Two fronts' checks can race (a stream closed, its abort not yet applied): the loop's
-    own check keeps the running request and refuses the newcomer."""
-    engine = LLMEngine(_config(tiny_llama_dir))
-    loop = EngineLoop(engine)
-    sink = _RecordingSink()
-    params = SamplingParams(max_tokens=4, ignore_eos=True)
-    first = engine.builder.build(prompt="one", params=params, request_id="same")
-    second = engine.builder.build(prompt="two", params=params, request_id="same")
-    loop.add(first)
-    loop.add(second)
-    runner = threading.Thread(target=loop.run, args=(sink,))
-    runner.start()
-    deadline = time.monotonic() + 30
-    while not any(d.finished for d in sink.deltas) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    loop.stop()
-    runner.join(30)
-    assert [(rid, type(e)) for rid, e in sink.rejected] == [("same", InvalidRequestError)]
-    assert sum(len(d.token_ids) for d in sink.deltas) == 4
-    assert [str(e) for e in sink.failed] == ["the engine has shut down"]
-    assert engine.get_load().num_free_blocks == engine.get_load().num_total_blocks
+@pytest.mark.parametrize("in_process", [True, False], ids=["engine thread", "engine process"])
+async def test_a_closed_streams_id_is_in_use_until_its_abort_lands(tiny_llama_dir, in_process) -> None:
+    """A stream closed early keeps its id until the core's final (abort) delta arrives, so a
+    request that reuses the id never receives the old request's last deltas."""
+    eng = EngineClient.from_config(_config(tiny_llama_dir), engine_process=not in_process)
+    finals: list[RequestOutputDelta] = []
+    eng.add_output_listener(lambda deltas: finals.extend(d for d in deltas if d.finished))
+    try:
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        first = eng.generate(prompt="one", params=params, request_id="same")
+        await anext(first)
+        await first.aclose()
+        short = SamplingParams(max_tokens=4, ignore_eos=True)
+        try:
+            second = eng.generate(prompt="two", params=short, request_id="same")
+        except InvalidRequestError as error:  # the abort has not landed yet: it is still in use
+            assert "already in use" in str(error)
+            deadline = time.monotonic() + 10
+            while not finals and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            second = eng.generate(prompt="two", params=short, request_id="same")
+        deltas = [d async for d in second]
+        assert sum(len(d.token_ids) for d in deltas) == 4
+        assert deltas[-1].finish_reason is FinishReason.LENGTH
+        assert [d.finish_reason for d in finals] == [FinishReason.ABORT, FinishReason.LENGTH]
+        assert eng.is_alive
+    finally:
+        eng.shutdown()
 
 
 async def test_a_killed_engine_process_fails_streams_at_once(tiny_llama_dir) -> None:
-    eng = AsyncEngine.from_config(_config(tiny_llama_dir), engine_process=True)
+    eng = EngineClient.from_config(_config(tiny_llama_dir), engine_process=True)
     try:
         pid = eng.engine_pid
         assert pid is not None and pid != os.getpid()
@@ -166,7 +167,7 @@ async def test_a_killed_engine_process_fails_streams_at_once(tiny_llama_dir) -> 
 
 
 async def test_shutdown_ends_running_streams_and_the_process(tiny_llama_dir) -> None:
-    eng = AsyncEngine.from_config(_config(tiny_llama_dir), engine_process=True)
+    eng = EngineClient.from_config(_config(tiny_llama_dir), engine_process=True)
     pid = eng.engine_pid
     assert pid is not None
     stream = eng.generate(prompt="long", params=SamplingParams(max_tokens=400, ignore_eos=True))
@@ -183,18 +184,18 @@ async def test_shutdown_ends_running_streams_and_the_process(tiny_llama_dir) -> 
 
 def test_a_failed_load_raises_its_error_in_the_server_process(tmp_path) -> None:
     with pytest.raises(ModelLoadError):
-        AsyncEngine.from_config(_config(tmp_path / "no-such-model"), engine_process=True)
+        EngineClient.from_config(_config(tmp_path / "no-such-model"), engine_process=True)
 
 
 _ORPHAN_SCRIPT = """
 import asyncio, os, sys
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
+from pagedserve.backend.engine.client import EngineClient
 from pagedserve.backend.sampling_params import SamplingParams
 
 async def main():
     config = EngineConfig.from_kwargs(model=sys.argv[1], device="cpu", num_blocks=32)
-    eng = AsyncEngine.from_config(config, engine_process=True)
+    eng = EngineClient.from_config(config, engine_process=True)
     stream = eng.generate(prompt="x", params=SamplingParams(max_tokens=400, ignore_eos=True))
     await anext(stream)
     print(eng.engine_pid, flush=True)

@@ -48,7 +48,7 @@ def run_and_compare(model_dir, max_new_tokens: int, num_blocks: int, budget: int
     assert engine.block_manager.num_free_blocks == num_blocks
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    eos = sorted(engine.eos_token_ids)
+    eos = engine.model_info.eos_token_ids
     refs = [hf_greedy(hf, p, max_new_tokens, eos) for p in prompts]
     ties = compare_greedy([o.token_ids for o in outs], refs)
     print(f"near-ties met: {ties}")

@@ -31,7 +31,7 @@ def feed(tokenizer, token_ids: list[int], **params):
     proc = OutputProcessor(tokenizer, max_model_len=10_000)
     params.setdefault("max_tokens", 1000)
     request = Request("r", [1], SamplingParams(**params), eos_token_ids=frozenset({EOS}))
-    proc.add_request(request)
+    proc.start(request)
     deltas = []
     for t in token_ids:
         deltas.append(proc.process_token(request, t, None))
@@ -97,11 +97,11 @@ def test_text_state_stays_bounded_over_a_long_generation(tokenizer) -> None:
     proc = OutputProcessor(tokenizer, max_model_len=10_000)
     params = SamplingParams(max_tokens=len(ids), stop=[stop])
     request = Request("r", [1], params, eos_token_ids=frozenset({EOS}))
-    proc.add_request(request)
+    proc.start(request)
     deltas = []
     for t in ids:
         deltas.append(proc.process_token(request, t, None))
-        assert len(proc.states["r"].pending) <= len(stop) - 1
+        assert request.output is not None and len(request.output.pending) <= len(stop) - 1
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     assert "".join(d.text for d in deltas) == tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -16,7 +16,7 @@ import pytest
 from pagedserve import LLM, SamplingParams
 from pagedserve.backend.cli import build_parser, engine_config_from_args
 from pagedserve.backend.engine.request import RequestOutput
-from pagedserve.backend.runner.model_runner import ModelRunner
+from pagedserve.backend.engine.core import EngineCore
 
 # Small enough to force preemption (96 blocks of 4 tokens for ~1,000 live tokens) and chunked
 # prefill (a 64-token budget against prompts of up to 150 tokens).
@@ -74,16 +74,16 @@ def summary(outputs: list[RequestOutput]) -> list[tuple]:
     ]
 
 
-def count_overlapped_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_overlapped_launches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record, per launch, whether it was queued behind a step still in flight."""
-    record: list[int] = []
-    launch = ModelRunner.launch
+    record: list[bool] = []
+    launch = EngineCore._launch
 
-    def spy(self, sched, previous=None):  # type: ignore[no-untyped-def]
-        record.append(previous is not None)
-        return launch(self, sched, previous)
+    def spy(self: EngineCore):  # type: ignore[no-untyped-def]
+        record.append(self._in_flight is not None)
+        return launch(self)
 
-    monkeypatch.setattr(ModelRunner, "launch", spy)
+    monkeypatch.setattr(EngineCore, "_launch", spy)
     return record
 
 
@@ -132,9 +132,9 @@ def test_abort_while_in_flight_leaves_the_rest_unchanged(engines) -> None:
     results: dict[bool, dict[str, list[int]]] = {}
     for overlap, llm in engines.items():
         engine = llm.engine
-        requests = [engine.make_request(prompt_token_ids=p, params=greedy) for p in batch]
+        requests = [engine.builder.build(prompt_token_ids=p, params=greedy) for p in batch]
         for r in requests:
-            engine.add_request(r)
+            engine.add(r)
         tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
         victim = requests[2]
         finished: set[str] = set()

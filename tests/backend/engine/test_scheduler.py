@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pagedserve.backend.config import SchedulerConfig
 from pagedserve.backend.engine.block_manager import BlockManager
 from pagedserve.backend.engine.request import Request, RequestStatus
 from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
-from pagedserve.backend.errors import QueueFullError
 from pagedserve.backend.sampling_params import SamplingParams
 
 
@@ -16,18 +13,21 @@ def make(rid: str, n: int, max_tokens: int = 8) -> Request:
     return Request(rid, [rid.__hash__() % 1000 + i for i in range(n)], SamplingParams(max_tokens=max_tokens))
 
 
+def manager(num_blocks: int, block_size: int, **kwargs) -> BlockManager:
+    return BlockManager(num_blocks, block_size, max_seqs=8, max_blocks_per_seq=64, **kwargs)
+
+
 def run_step(sched: Scheduler, out: SchedulerOutput, token: int = 5) -> None:
-    """Apply a step's results the way the engine does (one sampled token per finishing chunk)."""
-    for s in out.scheduled:
-        samples = s.samples
-        s.request.num_computed_tokens += s.num_new_tokens
-        sched.block_manager.cache_full_blocks(s.request)
-        if samples:
-            s.request.output_token_ids.append(token)
+    """A step through the scheduler's own bookkeeping, as the engine core runs it: launched,
+    then landed with one sampled token (``token``) per request the step samples for."""
+    computed_after = sched.launched(out)
+    sched.landed(out, computed_after)
+    for req in out.samplers:
+        req.output_token_ids.append(token)  # what output processing records
 
 
 def test_budget_chunks_prefill_and_mixes_decodes() -> None:
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8), BlockManager(64, 4))
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8), manager(64, 4))
     a = make("a", 10)
     sched.add_request(a)
     out = sched.schedule()
@@ -49,7 +49,7 @@ def test_budget_chunks_prefill_and_mixes_decodes() -> None:
 
 
 def test_max_num_seqs_limits_admission() -> None:
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=2), BlockManager(64, 4))
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=2), manager(64, 4))
     for rid in "abc":
         sched.add_request(make(rid, 4))
     out = sched.schedule()
@@ -59,7 +59,7 @@ def test_max_num_seqs_limits_admission() -> None:
 
 def test_preempts_newest_and_resumes_it_before_new_arrivals() -> None:
     # 6 blocks of 4 tokens. a and b take 2 blocks each for their prompts (8 tokens).
-    bm = BlockManager(6, 4, enable_prefix_caching=False)
+    bm = manager(6, 4, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), bm)
     a, b = make("a", 8), make("b", 8)
     sched.add_request(a)
@@ -83,7 +83,7 @@ def test_preempts_newest_and_resumes_it_before_new_arrivals() -> None:
 
 
 def test_finish_frees_blocks_from_anywhere() -> None:
-    bm = BlockManager(16, 4)
+    bm = manager(16, 4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=1), bm)
     a, b = make("a", 5), make("b", 5)
     sched.add_request(a)
@@ -94,19 +94,33 @@ def test_finish_frees_blocks_from_anywhere() -> None:
     assert bm.num_free_blocks == 16 and not sched.running and not sched.waiting
 
 
-def test_queue_limit() -> None:
-    sched = Scheduler(SchedulerConfig(max_queued_requests=2), BlockManager(16, 4))
-    sched.add_request(make("a", 3))
-    sched.add_request(make("b", 3))
-    with pytest.raises(QueueFullError):
-        sched.add_request(make("c", 3))
+def test_launch_counts_tokens_computed_and_in_flight_until_they_land() -> None:
+    """Overlapped scheduling's bookkeeping: a launched decode is in flight, the next schedule
+    counts its token as known, and landing clears it."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), manager(16, 4))
+    a = make("a", 6, max_tokens=2)
+    sched.add_request(a)
+    first = sched.schedule()
+    first_after = sched.launched(first)
+    assert (a.num_computed_tokens, a.num_in_flight) == (6, 1) and first_after == [6]
+    second = sched.schedule()  # scheduled while the first step's token is in flight
+    assert [(s.request.request_id, s.num_new_tokens, s.samples) for s in second.scheduled] == [("a", 1, True)]
+    second_after = sched.launched(second)
+    assert (a.num_computed_tokens, a.num_in_flight) == (7, 2)
+    sched.landed(first, first_after)
+    a.output_token_ids.append(5)
+    assert a.num_in_flight == 1
+    # Its second token (in flight) is its last (max_tokens=2): nothing more is scheduled for it.
+    assert sched.schedule().is_empty
+    sched.landed(second, second_after)
+    assert a.num_in_flight == 0
 
 
 def test_random_workload_never_deadlocks_and_frees_everything() -> None:
     import random
 
     rng = random.Random(0)
-    bm = BlockManager(12, 4)
+    bm = manager(12, 4)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4), bm)
     reqs = [make(f"r{i}", rng.randint(1, 20), max_tokens=rng.randint(1, 12)) for i in range(20)]
     for r in reqs:

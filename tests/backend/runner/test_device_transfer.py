@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedserve.backend.runner.sampler import arrays_to_device, pack_arrays
+from pagedserve.backend.runner.batch import arrays_to_device, pack_arrays
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -19,8 +19,9 @@ def req(rid: str, prompt: list[int] | None = None, out: list[int] | None = None,
 
 def run(requests: list[Request], logits: torch.Tensor, seed: int = 0, gens=None):
     g = torch.Generator().manual_seed(seed)
-    gens = gens if gens is not None else [None] * len(requests)
-    batch = SamplingBatch.from_requests(requests, VOCAB, torch.device("cpu"), gens)
+    for r, gen in zip(requests, gens if gens is not None else [None] * len(requests)):
+        r.generator = gen
+    batch = SamplingBatch.from_requests(requests, VOCAB, torch.device("cpu"))
     return Sampler(g).sample(logits.clone(), batch).to_host()
 
 
@@ -105,8 +106,10 @@ def test_penalties_match_their_definitions() -> None:
         expected[t] -= 0.25 * count + 0.5
     out = run([r], logits)
     assert out.token_ids == [int(expected.argmax())]
-    batch = SamplingBatch.from_requests([r], VOCAB, torch.device("cpu"), [None])
-    processed = Sampler._apply_penalties(logits.clone(), batch)
+    batch = SamplingBatch.from_requests([r], VOCAB, torch.device("cpu"))
+    processed = logits.clone()
+    for processor in batch.processors:
+        processed = processor.apply(processed)
     torch.testing.assert_close(processed[0], expected)
 
 

@@ -14,7 +14,7 @@ from pagedserve.backend.models.layers import LMHead, VocabEmbedding
 from pagedserve.backend.models.loader import load_model
 from pagedserve.backend.runner.attention import TorchAttentionBackend
 from pagedserve.backend.runner.distributed import LaunchEnv, decode_config, encode_config
-from pagedserve.backend.runner.step_batch import StepBatch
+from pagedserve.backend.runner.batch import StepBatch
 
 CPU = torch.device("cpu")
 
@@ -32,7 +32,7 @@ def _random_batch(rng: np.random.Generator, block_size: int) -> StepBatch:
         seq_lens=seq_lens,
         block_tables=tables.astype(np.int32),
         sample_rows=np.cumsum(query_lens)[rng.random(num_seqs) < 0.7].astype(np.int64) - 1,
-        deferred_rows=np.flatnonzero(rng.random(num_tokens) < 0.2).astype(np.int64),
+        in_flight_rows=np.flatnonzero(rng.random(num_tokens) < 0.2).astype(np.int64),
     )
 
 
@@ -56,8 +56,8 @@ def test_step_batch_survives_the_wire() -> None:
     header, payload = batch.header(), batch.payload()
     assert StepBatch.payload_len(header) == len(payload)
     back = StepBatch.unpack(header, payload.copy())
-    assert len(batch.deferred_rows) > 0  # the seed exercises every field
-    for name in ("input_ids", "query_lens", "seq_lens", "block_tables", "sample_rows", "deferred_rows"):
+    assert len(batch.in_flight_rows) > 0  # the seed exercises every field
+    for name in ("input_ids", "query_lens", "seq_lens", "block_tables", "sample_rows", "in_flight_rows"):
         sent, got = getattr(batch, name), getattr(back, name)
         assert got.dtype == sent.dtype and got.shape == sent.shape
         np.testing.assert_array_equal(got, sent)

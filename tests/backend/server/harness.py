@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
+from pagedserve.backend.engine.client import EngineClient
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
 
@@ -59,13 +59,13 @@ def gated_model_loading(
 ) -> Iterator[threading.Event]:
     """Model loading waits for the returned event, so a test sees the loading phase."""
     gate = threading.Event()
-    load = AsyncEngine.from_config
+    load = EngineClient.from_config
 
-    def gated(config: EngineConfig, stream_interval: int = 1, **options: Any) -> AsyncEngine:
+    def gated(config: EngineConfig, stream_interval: int = 1, **options: Any) -> EngineClient:
         assert gate.wait(timeout_s), "test never released model loading"
         return load(config, stream_interval, **options)
 
-    monkeypatch.setattr(AsyncEngine, "from_config", staticmethod(gated))
+    monkeypatch.setattr(EngineClient, "from_config", staticmethod(gated))
     try:
         yield gate
     finally:

@@ -18,15 +18,15 @@ from collections.abc import Sequence
 
 from pagedserve.backend.cli import main as pagedserve_main
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.async_engine import AsyncEngine
-from pagedserve.backend.engine.engine import StepInfo
+from pagedserve.backend.engine.client import EngineClient
+from pagedserve.backend.engine.messages import StepInfo
 
 
 def pace_engine_steps(delay_s: float) -> None:
     """Every engine built from now on sleeps ``delay_s`` after each step, on its loop thread."""
-    build = AsyncEngine.from_config
+    build = EngineClient.from_config
 
-    def paced(config: EngineConfig, stream_interval: int = 1, **options: Any) -> AsyncEngine:
+    def paced(config: EngineConfig, stream_interval: int = 1, **options: Any) -> EngineClient:
         engine = build(config, stream_interval, **options)
 
         def pause(_: StepInfo) -> None:
@@ -35,7 +35,7 @@ def pace_engine_steps(delay_s: float) -> None:
         engine.add_step_listener(pause)
         return engine
 
-    AsyncEngine.from_config = staticmethod(paced)  # type: ignore[method-assign]
+    EngineClient.from_config = staticmethod(paced)  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str]) -> int:

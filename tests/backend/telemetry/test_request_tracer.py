@@ -10,7 +10,7 @@ import grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pagedserve.backend.engine.engine import StepInfo
+from pagedserve.backend.engine.messages import StepInfo
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes, Usage
 from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.telemetry.exporting import new_tracer_provider

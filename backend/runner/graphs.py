@@ -1,19 +1,37 @@
-"""CUDA graphs for pure-decode steps.
+"""CUDA graphs for pure-decode steps: capture once per padded batch size, replay per step.
 
 A decode step of a small model is dominated by kernel-launch overhead: hundreds of small
-launches per token. We capture the model's forward once per padded batch size and replay it;
-each replay only copies the step's inputs into static buffers. The attention kernels size
-their grids from shapes and host bounds alone, so the bounds fixed at capture (query length 1,
-the model's max length, a pinned split count) stay valid for every replay.
+launches per token. The model's forward is captured once per padded batch size and replayed;
+each replay only copies the step's inputs into static buffers. The token inputs (ids,
+positions) are this module's; the attention metadata belongs to the attention backend, whose
+graph hooks (``GraphAttentionBackend``) own those buffers and fill them before each replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from pagedserve.backend.runner.attention import AttentionMetadata
+
+# (input ids, positions, metadata) -> final hidden states: the runner's model call.
+ModelForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+class GraphAttentionBackend(Protocol):
+    """What an attention backend provides for its kernels to run inside a captured graph."""
+
+    def init_graph_buffers(
+        self, max_batch: int, max_blocks: int, max_seq_len: int, device: torch.device
+    ) -> None: ...
+
+    def graph_metadata(self, batch_size: int, num_kv_splits: int) -> AttentionMetadata: ...
+
+    def graph_fits(self, metadata: AttentionMetadata) -> bool: ...
+
+    def prepare_replay(self, metadata: AttentionMetadata, batch_size: int) -> None: ...
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -28,56 +46,39 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(
         self,
-        model: torch.nn.Module,
-        kv_caches: list[torch.Tensor],
+        forward: ModelForward,
+        backend: GraphAttentionBackend,
+        *,
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
+        device: torch.device,
         kv_splits_for: Callable[[int], int],
     ) -> None:
         """``kv_splits_for(batch_size)`` pins the decode kernel's context split count per graph."""
-        self.model = model
-        self.kv_caches = kv_caches
-        self.max_model_len = max_model_len
+        self.forward = forward
+        self.backend = backend
         self.kv_splits_for = kv_splits_for
         self.sizes = capture_sizes(max_num_seqs)
-        device = kv_caches[0].device
         n = self.sizes[-1]
-        self.max_blocks = -(-max_model_len // block_size)
+        backend.init_graph_buffers(n, -(-max_model_len // block_size), max_model_len, device)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-
-    def _metadata(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            query_lens_cpu=[1] * size,
-            seq_lens_cpu=[1] * size,
-            num_kv_splits=self.kv_splits_for(size),
-        )
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so smaller ones reuse its pool
-            metadata = self._metadata(size)
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, metadata)
+            metadata = self.backend.graph_metadata(size, self.kv_splits_for(size))
+            args = (self.input_ids[:size], self.positions[:size], metadata)
             for _ in range(2):  # warm up: compile kernels, settle allocations
-                self.model(*args)
+                self.forward(*args)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(*args)
+                self.outputs[size] = self.forward(*args)
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
@@ -91,11 +92,7 @@ class DecodeGraphs:
         self.outputs.clear()
 
     def fits(self, metadata: AttentionMetadata) -> bool:
-        return (
-            metadata.max_query_len == 1
-            and metadata.num_seqs <= self.sizes[-1]
-            and metadata.block_tables.shape[1] <= self.max_blocks
-        )
+        return bool(self.graphs) and self.backend.graph_fits(metadata)
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
@@ -104,11 +101,6 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:size].fill_(-1)  # padding rows write nothing
-        self.seq_lens[:n].copy_(metadata.seq_lens, non_blocking=True)
-        self.seq_lens[n:size].fill_(1)
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(metadata.block_tables, non_blocking=True)
+        self.backend.prepare_replay(metadata, size)
         self.graphs[size].replay()
         return self.outputs[size][:n]

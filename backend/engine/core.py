@@ -1,0 +1,432 @@
+"""The engine core: scheduler, block manager, runner and output processing behind one request
+table, its step loop, and the engine process that runs it away from the server.
+
+``EngineCore.step()`` runs schedule -> launch -> process outputs and returns the deltas of one
+step; the offline ``LLM`` calls it in a loop. ``serve`` is the loop a server runs on a thread or
+in the engine process: commands in (``messages.AddRequest`` / ``AbortRequest`` / ``Shutdown``),
+one ``StepOutputs`` per step out.
+
+With overlapped scheduling (the default on CUDA) a step schedules and queues the *next* step
+before it waits for the current one, so host work (scheduling, batch building, detokenization,
+stop checks) runs while the device computes instead of between device steps. The next step's
+inputs that are still being sampled come from the device (``runner.batch.InFlightTokens``);
+the host's bookkeeping is two counts on each request (computed, in flight), moved by
+``Scheduler.launched`` and ``Scheduler.landed``.
+
+The engine process is a fresh interpreter (``python -m pagedserve.backend.engine.core --fd N``,
+like the tensor-parallel workers): it never re-runs the caller's main script, as
+``multiprocessing``'s spawn would, and inherits nothing of the server's process (CUDA least of
+all). It talks to its client over a socket pair in ``messages``' encoding and exits when the
+socket closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.engine.block_manager import BlockManager
+from pagedserve.backend.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineExited,
+    EngineFailed,
+    EngineLoadFailed,
+    EngineReady,
+    Event,
+    LoadInfo,
+    ModelInfo,
+    Shutdown,
+    StartEngine,
+    StepInfo,
+    StepOutputs,
+    decode,
+    encode,
+    portable,
+)
+from pagedserve.backend.engine.output import OutputProcessor
+from pagedserve.backend.engine.request import FinishReason, Request, RequestOutputDelta
+from pagedserve.backend.engine.request_builder import RequestBuilder
+from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.backend.errors import EngineDeadError
+from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# The loop sleeps at most this long without work before it looks at its inbox again.
+IDLE_WAIT_S = 1.0
+
+# Allocations between young-generation collections, and how many of those per older one.
+# Each step allocates thousands of short-lived objects per hundred requests; at the default
+# (700, 10, 10) the collector runs full passes over the model's and tokenizer's millions of
+# objects every few steps, which measured as half the host time of a 256-request decode step.
+# Applied with CUDA only: on the CPU path, where the host runs the model too, `bench offline`
+# measured 20% slower with these thresholds (240 vs 310 tok/s) for reasons not isolated.
+GC_THRESHOLDS = (50_000, 10, 1_000)
+
+
+def relax_gc() -> None:
+    """Raise the cyclic collector's thresholds (never lower them) for this process."""
+    current = gc.get_threshold()
+    gc.set_threshold(*(max(c, t) for c, t in zip(current, GC_THRESHOLDS)))
+
+
+@dataclass
+class _InFlight:
+    """A launched step and what processing its result needs."""
+
+    sched: SchedulerOutput
+    launched: LaunchedStep
+    computed_after: list[int]  # each scheduled request's computed tokens once the step is done
+    info: StepInfo
+    # A request it samples for reads its whole token history on the host (penalties,
+    # min_tokens): the next step must wait for this one's ids before it is scheduled.
+    blocks_overlap: bool
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        on_cuda = self.runner.device.type == "cuda"
+        if on_cuda:
+            relax_gc()
+        loaded = self.runner.loaded
+        self.tokenizer: Any = loaded.tokenizer
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model.vocab_size
+        block_size = config.cache.block_size
+        self.block_manager = BlockManager(
+            self.runner.num_blocks,
+            block_size,
+            max_seqs=config.scheduler.max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // block_size),
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.output = OutputProcessor(self.tokenizer, self.max_model_len)
+        # The request table: every live request, and through it all of its state.
+        self.requests: dict[str, Request] = {}
+        self.last_step: StepInfo | None = None
+        self.num_adds_received = 0
+        self._in_flight: _InFlight | None = None
+        overlap = config.overlap_scheduling
+        if overlap is None:
+            # On the CPU the host and the "device" are the same cores. With tensor parallelism
+            # it is opt-in until measured on NCCL (its logic is tested over gloo).
+            overlap = on_cuda and config.parallel.tensor_parallel_size == 1
+        self.overlap = overlap
+        eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.model_info = ModelInfo(
+            name=config.model.served_model_name or loaded.name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            block_size=block_size,
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=str(self.runner.device),
+            eos_token_ids=sorted(eos_token_ids),
+        )
+        self.builder = RequestBuilder(
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=eos_token_ids,
+            block_size=block_size,
+            num_blocks=self.block_manager.num_blocks,
+        )
+
+    # -- the request table -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Take an admitted request (built and validated by ``builder``, its id unused: the
+        client checks both once)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is live: admission must refuse it")
+        request.generator = self.runner.generator_for(request.params.seed)
+        self.output.start(request)
+        self.requests[request.request_id] = request
+        self.scheduler.add_request(request)
+
+    def abort(self, request_id: str) -> RequestOutputDelta | None:
+        """Stop a request now and free its blocks; returns its final (abort) delta."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, FinishReason.ABORT)
+
+    def _finish(
+        self, req: Request, reason: FinishReason, error: str | None = None
+    ) -> RequestOutputDelta:
+        req.finish_reason = reason
+        delta = RequestOutputDelta(
+            request_id=req.request_id, text="", token_ids=[], finished=True,
+            finish_reason=reason, error=error,
+        )
+        self._release(req, delta)
+        return delta
+
+    def _release(self, req: Request, final_delta: RequestOutputDelta) -> None:
+        """The one teardown: out of the table and the scheduler, blocks and row freed; the
+        rest of its state goes with the object. Stamps its final delta."""
+        req.times.finished = time.time()
+        self.scheduler.finish(req)
+        del self.requests[req.request_id]
+        self.output.final_fields(req, final_delta)
+
+    # -- the step ----------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        """Requests wait or run, or a launched step still has to be drained."""
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
+
+    def step(self) -> list[RequestOutputDelta]:
+        """Run one step and return its deltas.
+
+        With overlapped scheduling the step returned is the one launched by the previous call:
+        the next step is scheduled and queued on the device first, so the device computes it
+        while the host turns this step's tokens into text.
+        """
+        if self._in_flight is None:
+            self._in_flight, failed = self._launch()
+            if self._in_flight is None:
+                return failed
+        current = self._in_flight
+        overlaps = self.overlap and not current.blocks_overlap
+        following, failed = self._launch() if overlaps else (None, [])
+        deltas = failed + self._process(current)
+        self._in_flight = following
+        return deltas
+
+    def _launch(self) -> tuple[_InFlight | None, list[RequestOutputDelta]]:
+        """Schedule and queue a step; on failure, finish its requests and return their deltas."""
+        start = time.time()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return None, []
+        decode_tokens = 0  # a token at a position past the prompt is a decode
+        for s in sched.scheduled:
+            if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
+                decode_tokens += 1
+        info = StepInfo(
+            start=start,
+            end=start,
+            request_ids=[s.request.request_id for s in sched.scheduled],
+            num_prefill_tokens=sched.num_batched_tokens - decode_tokens,
+            num_decode_tokens=decode_tokens,
+            num_preempted=len(sched.preempted),
+            kv_cache_usage=self.block_manager.usage,
+        )
+        try:
+            launched = self.runner.execute(sched)
+        except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
+            raise
+        except Exception as exc:  # a failed forward fails this step's requests, not the engine
+            self.last_step = info
+            return None, self._fail_step(sched, exc)
+        computed_after = self.scheduler.launched(sched)
+        blocks_overlap = any(
+            s.samples and s.request.params.reads_token_history for s in sched.scheduled
+        )
+        return _InFlight(sched, launched, computed_after, info, blocks_overlap), []
+
+    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutputDelta]:
+        """Finish the step's still-live requests with an error; the engine goes on."""
+        logger.exception("model step failed")
+        return [
+            self._finish(s.request, FinishReason.ERROR, f"model step failed: {exc}")
+            for s in sched.scheduled
+            if not s.request.is_finished
+        ]
+
+    def _process(self, step: _InFlight) -> list[RequestOutputDelta]:
+        """Wait for a launched step's ids, then record them: prefix-cache registration, text,
+        stop checks, and the release of finished requests."""
+        # Requests that ended while the step ran (aborted, or stopped by the step before) got
+        # nothing from it.
+        step.info.request_ids = [
+            s.request.request_id for s in step.sched.scheduled if not s.request.is_finished
+        ]
+        self.last_step = step.info
+        try:
+            result = step.launched.wait()
+        except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
+            raise
+        except Exception as exc:  # its requests end with the error; their counts go with them
+            return self._fail_step(step.sched, exc)
+        self.scheduler.landed(step.sched, step.computed_after)
+        deltas: list[RequestOutputDelta] = []
+        now = time.time()
+        samplers = step.sched.samplers
+        for req, token_id, logprob in zip(samplers, result.token_ids, result.logprobs):
+            if req.is_finished:  # aborted, or it stopped a step earlier: a wasted token
+                continue
+            try:
+                if req.times.first_token is None:
+                    req.times.first_token = now
+                delta = self.output.process_token(req, token_id, logprob)
+            except Exception as exc:  # e.g. detokenization: fail this request only
+                logger.exception("output processing failed for request %s", req.request_id)
+                deltas.append(self._finish(req, FinishReason.ERROR, f"output processing failed: {exc}"))
+                continue
+            if delta.finished:
+                self._release(req, delta)
+            deltas.append(delta)
+        step.info.end = time.time()
+        return deltas
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def get_load(self) -> LoadInfo:
+        bm = self.block_manager
+        return LoadInfo(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_adds_received=self.num_adds_received,
+        )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        self.runner.shutdown()
+
+    def serve(self, inbox: "queue.SimpleQueue[Command]", emit: Callable[[Event], None]) -> None:
+        """The step loop: apply the inbox's commands, step while there is work, ``emit`` one
+        StepOutputs per step, until Shutdown (every request then ends as aborted) or a fatal
+        error (EngineFailed). ``emit`` must be safe to call from a tensor-parallel monitor
+        thread too (it reports a dead rank)."""
+        self.runner.add_failure_listener(
+            lambda reason: emit(EngineFailed(f"the engine has stopped: {reason}"))
+        )
+        reported: StepInfo | None = None
+        try:
+            while True:
+                deltas, applied, stopping = self._apply(inbox, block=not self.has_unfinished())
+                if stopping:
+                    break
+                if self.has_unfinished():
+                    deltas += self.step()
+                elif not applied:
+                    continue  # an idle wake-up: nothing to report
+                step = self.last_step if self.last_step is not reported else None
+                reported = self.last_step
+                emit(StepOutputs(deltas, step, self.get_load()))
+        except BaseException as exc:  # the loop itself broke: fail everyone, clearly
+            logger.exception("engine loop died")
+            emit(EngineFailed(f"the engine loop died: {exc}"))
+            return
+        final = [self._finish(req, FinishReason.ABORT) for req in list(self.requests.values())]
+        emit(StepOutputs(final, None, self.get_load()))
+        emit(EngineFailed("the engine has shut down"))
+
+    def _apply(
+        self, inbox: "queue.SimpleQueue[Command]", block: bool
+    ) -> tuple[list[RequestOutputDelta], int, bool]:
+        """Apply queued commands (waiting for one when ``block``); returns the aborts' final
+        deltas, how many commands were applied and whether Shutdown came."""
+        deltas: list[RequestOutputDelta] = []
+        applied = 0
+        while True:
+            try:
+                command = inbox.get(timeout=IDLE_WAIT_S) if block else inbox.get_nowait()
+            except queue.Empty:
+                return deltas, applied, False
+            block = False
+            applied += 1
+            if isinstance(command, AddRequest):
+                self.num_adds_received += 1
+                self.add(command.request)
+            elif isinstance(command, AbortRequest):
+                delta = self.abort(command.request_id)
+                if delta is not None:
+                    deltas.append(delta)
+            elif isinstance(command, Shutdown):
+                return deltas, applied, True
+            else:
+                raise TypeError(f"unexpected command {type(command).__name__}")
+
+
+# -- the engine process ----------------------------------------------------------------------
+def _forward_commands(conn: Connection, inbox: "queue.SimpleQueue[Command]") -> None:
+    """The engine process's reader: the client's commands into the loop's inbox. A closed
+    socket means the server's process is gone: the loop stops."""
+    try:
+        while True:
+            command = decode(conn.recv_bytes())
+            inbox.put(command)  # type: ignore[arg-type]  # the client sends commands only
+            if isinstance(command, Shutdown):
+                return
+    except (EOFError, OSError):
+        logger.warning("the server's process is gone: stopping the engine")
+        inbox.put(Shutdown())
+
+
+def run_engine_process(conn: Connection) -> None:
+    """The engine process: read StartEngine, load, report ready, run the loop until stopped."""
+    started = time.monotonic()
+    lock = threading.Lock()  # the loop and a tensor-parallel monitor both send
+
+    def emit(event: Event) -> None:
+        try:
+            frame = encode(event)
+            with lock:
+                conn.send_bytes(frame)
+        except (OSError, ValueError):  # the server's process is gone; the reader stops us
+            pass
+
+    try:
+        start = decode(conn.recv_bytes())
+    except (EOFError, OSError):
+        return  # the server's process went away before it sent anything
+    assert isinstance(start, StartEngine)
+    try:
+        core = EngineCore(start.config)
+    except BaseException as exc:
+        logger.exception("the engine failed to load")
+        emit(EngineLoadFailed(portable(exc)))
+        conn.close()
+        return
+    emit(EngineReady(core.model_info, core.builder, core.get_load()))
+    logger.info("engine process ready in %.1f s", time.monotonic() - started)
+    inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+    threading.Thread(
+        target=_forward_commands, args=(conn, inbox), name="pagedserve-engine-commands",
+        daemon=True,
+    ).start()
+    try:
+        core.serve(inbox, emit)
+    finally:
+        core.shutdown()
+        emit(EngineExited())
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="pagedserve's engine process (started by the server)")
+    parser.add_argument("--fd", type=int, required=True, help="the socket to the server's process")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The server owns the signals: Ctrl-C reaches the whole process group, and the engine must
+    # keep stepping while the server drains its streams.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    run_engine_process(Connection(args.fd))
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this copy's: what crosses the socket must pickle
+    # under the module's name, not "__main__".
+    from pagedserve.backend.engine.core import main as module_main
+
+    module_main()
