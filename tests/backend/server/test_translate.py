@@ -1,5 +1,5 @@
-"""The request translation every front goes through: field names, types, the two coercions
-and the prompt's forms."""
+"""The request translation every front goes through: field names, types, the two coercions,
+the prompt's forms, and the native front's use of it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server.convert import prompt_input_from_proto, sampling_params_from_proto
 from pagedserve.backend.server.translate import (
     SAMPLING_FIELDS,
     Coercion,
@@ -19,6 +20,8 @@ from pagedserve.backend.server.translate import (
     build_sampling_params,
     resolve_prompt,
 )
+from pagedserve.v1 import generation_pb2 as pb
+
 
 # (field, value, what SamplingParams holds): values both coercions take as they are.
 TYPED_VALUES: list[tuple[str, Any, Any]] = [
@@ -188,3 +191,46 @@ def test_no_or_several_prompt_forms_are_refused_as_input(forms: dict[str, Any]) 
         resolve_prompt(**forms)
     assert info.value.field == "input"
     assert all(form in info.value.message for form in forms)
+
+
+# ---- the fronts go through it -------------------------------------------------------------------
+
+
+def _native_request(**fields: Any) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt="hi", **fields)
+
+
+# Every sampling field of the native request, off its default.
+NATIVE_FIELDS: dict[str, Any] = {
+    "temperature": 0.5,
+    "top_p": 0.75,
+    "top_k": 7,
+    "min_p": 0.125,
+    "repetition_penalty": 1.5,
+    "presence_penalty": 0.25,
+    "frequency_penalty": -0.25,
+    "seed": 11,
+    "max_tokens": 9,
+    "min_tokens": 2,
+    "stop": ["\n", "END"],
+    "stop_token_ids": [3, 4],
+    "ignore_eos": True,
+    "include_stop_str_in_output": True,
+    "skip_special_tokens": False,
+    "logprobs": 3,
+}
+
+
+def test_native_front_passes_every_set_field_and_leaves_unset_ones_default() -> None:
+    assert sampling_params_from_proto(_native_request(**NATIVE_FIELDS)) == SamplingParams(
+        **NATIVE_FIELDS
+    )
+    assert sampling_params_from_proto(_native_request()) == SamplingParams()
+    # Proto3 `optional`: a field set to its zero value is set, not "unset".
+    assert sampling_params_from_proto(_native_request(temperature=0.0)).temperature == 0.0
+
+
+def test_native_front_without_input_names_input() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        prompt_input_from_proto(pb.GenerateRequest(max_tokens=2))
+    assert info.value.field == "input"
