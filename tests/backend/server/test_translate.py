@@ -1,9 +1,10 @@
 """The request translation every front goes through: field names, types, the two coercions,
-the prompt's forms, and the native front's use of it."""
+the prompt's forms, and the same field named alike through the native and KServe fronts."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server import kserve_protocol as kp
 from pagedserve.backend.server.convert import prompt_input_from_proto, sampling_params_from_proto
+from pagedserve.backend.server.kserve_convert import parse_infer_request
 from pagedserve.backend.server.translate import (
     SAMPLING_FIELDS,
     Coercion,
@@ -22,6 +25,8 @@ from pagedserve.backend.server.translate import (
 )
 from pagedserve.v1 import generation_pb2 as pb
 
+MODEL = "tiny"
+VOCAB = 100
 
 # (field, value, what SamplingParams holds): values both coercions take as they are.
 TYPED_VALUES: list[tuple[str, Any, Any]] = [
@@ -200,6 +205,15 @@ def _native_request(**fields: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt="hi", **fields)
 
 
+def _kserve_request(sampling: dict[str, Any]) -> Any:
+    request = kp.ModelInferRequest(model_name=MODEL, id="k")
+    text = request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"hi")
+    tensor = request.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(json.dumps(sampling).encode())
+    return request
+
+
 # Every sampling field of the native request, off its default.
 NATIVE_FIELDS: dict[str, Any] = {
     "temperature": 0.5,
@@ -230,7 +244,42 @@ def test_native_front_passes_every_set_field_and_leaves_unset_ones_default() -> 
     assert sampling_params_from_proto(_native_request(temperature=0.0)).temperature == 0.0
 
 
+def test_both_fronts_translate_the_same_fields_alike() -> None:
+    native = sampling_params_from_proto(_native_request(**NATIVE_FIELDS))
+    kserve = parse_infer_request(_kserve_request(NATIVE_FIELDS), MODEL).params
+    assert native == kserve
+
+
 def test_native_front_without_input_names_input() -> None:
     with pytest.raises(InvalidRequestError) as info:
         prompt_input_from_proto(pb.GenerateRequest(max_tokens=2))
     assert info.value.field == "input"
+
+
+# A value of the right type but out of range, for every field that has a range.
+OUT_OF_RANGE: list[tuple[str, Any]] = [
+    ("temperature", -0.5),
+    ("top_p", 1.5),
+    ("top_k", 0),
+    ("min_p", 1.5),
+    ("repetition_penalty", 0.0),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", -2.5),
+    ("seed", -1),
+    ("max_tokens", 0),
+    ("min_tokens", -1),
+    ("stop", ["ok", ""]),
+    ("stop_token_ids", [VOCAB]),
+    ("logprobs", 21),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_RANGE)
+def test_a_bad_field_is_named_alike_through_both_fronts(field: str, value: Any) -> None:
+    """Each front's conversion, then the admission check the engine runs on its result."""
+    native = sampling_params_from_proto(_native_request(**{field: value}))
+    kserve = parse_infer_request(_kserve_request({field: value}), MODEL).params
+    for params in (native, kserve):
+        with pytest.raises(InvalidRequestError) as info:
+            params.validate(VOCAB)
+        assert info.value.field == field
