@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from pagedserve.backend.engine.request import (
     FinishReason,
     RequestOutputDelta,
@@ -12,11 +9,16 @@ from pagedserve.backend.engine.request import (
     Usage,
 )
 from pagedserve.backend.sampling_params import SamplingParams
-from pagedserve.backend.server.status import InvalidArgumentError
+from pagedserve.backend.server.translate import (
+    Coercion,
+    PromptInput,
+    build_sampling_params,
+    resolve_prompt,
+)
 from pagedserve.v1 import generation_pb2 as pb
 
-# Request fields copied onto SamplingParams when present (proto3 `optional`: unset -> default).
-_OPTIONAL_PARAM_FIELDS = (
+# Sampling fields that are proto3 `optional`: passed on only when the client set them.
+_OPTIONAL_SAMPLING_FIELDS = (
     "temperature",
     "top_p",
     "top_k",
@@ -32,6 +34,8 @@ _OPTIONAL_PARAM_FIELDS = (
     "skip_special_tokens",
     "logprobs",
 )
+# Repeated fields have no presence; empty is their default anyway.
+_REPEATED_SAMPLING_FIELDS = ("stop", "stop_token_ids")
 
 _FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -40,40 +44,32 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass
-class PromptInput:
-    """The request's input, resolved to what ``EngineClient.generate`` takes."""
-
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+def _sampling_values(request: pb.GenerateRequest) -> dict[str, object]:
+    """The sampling fields the client set; unset ones are left to SamplingParams' defaults."""
+    values: dict[str, object] = {
+        name: getattr(request, name) for name in _OPTIONAL_SAMPLING_FIELDS if request.HasField(name)
+    }
+    values.update({name: list(getattr(request, name)) for name in _REPEATED_SAMPLING_FIELDS})
+    return values
 
 
 def sampling_params_from_proto(request: pb.GenerateRequest) -> SamplingParams:
-    """SamplingParams from the request: only the fields the client set; validation is the
-    engine's (it knows the vocabulary size)."""
-    kwargs: dict[str, Any] = {
-        name: getattr(request, name)
-        for name in _OPTIONAL_PARAM_FIELDS
-        if request.HasField(name)
-    }
-    kwargs["stop"] = list(request.stop)
-    kwargs["stop_token_ids"] = list(request.stop_token_ids)
-    return SamplingParams(**kwargs)
+    """SamplingParams from the request; validation is the engine's (it knows the vocabulary
+    size). Protobuf has typed the values already."""
+    return build_sampling_params(_sampling_values(request), coercion=Coercion.TYPED)
 
 
 def prompt_input_from_proto(request: pb.GenerateRequest) -> PromptInput:
-    """The oneof input; chat messages stay unrendered (the engine owns the template)."""
+    """The `input` oneof in engine terms; the oneof itself keeps it to one form."""
     kind = request.WhichOneof("input")
     if kind == "prompt":
-        return PromptInput(prompt=request.prompt)
+        return resolve_prompt(prompt=request.prompt)
     if kind == "prompt_token_ids":
-        return PromptInput(prompt_token_ids=list(request.prompt_token_ids.ids))
+        return resolve_prompt(prompt_token_ids=list(request.prompt_token_ids.ids))
     if kind == "messages":
-        # Roles and emptiness are checked where the template is applied (engine.render_chat).
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        return PromptInput(messages=messages)
-    raise InvalidArgumentError("input", "one of prompt, prompt_token_ids or messages is required")
+        return resolve_prompt(messages=messages)
+    return resolve_prompt()  # none set: refused, naming `input`
 
 
 def _logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:

@@ -20,10 +20,8 @@ Outputs always travel in ``raw_output_contents``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +33,12 @@ from pagedserve.backend.server.kserve_tensors import (
     BOOL,
     BYTES,
     UINT32,
+    DecodedInput,
     decode_inputs,
     encode_raw_bytes,
     encode_raw_uint32,
 )
+from pagedserve.backend.server.translate import Coercion, build_sampling_params
 
 TEXT_INPUT = "text_input"
 STREAM = "stream"
@@ -143,107 +143,6 @@ class ResponseContent:
 # ---- sampling parameters --------------------------------------------------------------------
 
 
-def _to_int(key: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise InvalidRequestError(key, f"must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise InvalidRequestError(key, f"must be an integer, got {value!r}")
-
-
-def _to_float(key: str, value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise InvalidRequestError(key, f"must be a number, got {value!r}")
-
-
-_TRUE_STRINGS = frozenset({"true", "1"})
-_FALSE_STRINGS = frozenset({"false", "0"})
-
-
-def _to_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS | _FALSE_STRINGS:
-        return value.strip().lower() in _TRUE_STRINGS
-    raise InvalidRequestError(key, f"must be a boolean (true/false), got {value!r}")
-
-
-def _to_str_list(key: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise InvalidRequestError(key, f"must be a string or a list of strings, got {value!r}")
-
-
-def _to_int_list(key: str, value: Any) -> list[int]:
-    if isinstance(value, str):  # a request parameter can only carry a list as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    if isinstance(value, list):
-        return [_to_int(key, v) for v in value]
-    raise InvalidRequestError(key, f"must be a list of integers, got {value!r}")
-
-
-_COERCERS_BY_TYPE: list[tuple[Any, Callable[[str, Any], Any]]] = [
-    (int, _to_int),
-    (float, _to_float),
-    (bool, _to_bool),
-    (int | None, _to_int),
-    (list[str], _to_str_list),
-    (list[int], _to_int_list),
-]
-
-
-def _field_coercers() -> dict[str, Callable[[str, Any], Any]]:
-    """One coercer per SamplingParams field, chosen by its annotation."""
-    hints = typing.get_type_hints(SamplingParams)
-    coercers = {}
-    for f in dataclasses.fields(SamplingParams):
-        for hint, coerce in _COERCERS_BY_TYPE:
-            if hints[f.name] == hint:
-                coercers[f.name] = coerce
-                break
-        else:
-            raise TypeError(f"no coercion for SamplingParams.{f.name}: {hints[f.name]}")
-    return coercers
-
-
-SAMPLING_COERCERS = _field_coercers()
-
-
-def sampling_params_from_dict(values: Mapping[str, Any]) -> SamplingParams:
-    """SamplingParams from vLLM-style keys; None means the default, strings are converted."""
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        coerce = SAMPLING_COERCERS.get(key)
-        if coerce is None:
-            raise InvalidRequestError(
-                key,
-                f"unknown sampling parameter (supported: {', '.join(sorted(SAMPLING_COERCERS))})",
-            )
-        if value is not None:
-            kwargs[key] = coerce(key, value)
-    return SamplingParams(**kwargs)
-
-
 def parameter_value(parameter: Any) -> Any:
     """The Python value of an ``InferParameter`` (None when no member of the oneof is set)."""
     which = parameter.WhichOneof("parameter_choice")
@@ -251,6 +150,7 @@ def parameter_value(parameter: Any) -> Any:
 
 
 def _sampling_values_from_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters map less the protocol's own controls (Triton reserves ``triton_*``)."""
     values: dict[str, Any] = {}
     for key, parameter in parameters.items():
         if key in PROTOCOL_PARAMETERS:
@@ -273,6 +173,17 @@ def _sampling_values_from_json(raw: bytes) -> dict[str, Any]:
             SAMPLING_PARAMETERS, f"must be a JSON object, got {type(values).__name__}"
         )
     return values
+
+
+def _sampling_params(request: Any, inputs: Mapping[str, DecodedInput]) -> SamplingParams:
+    """From the ``sampling_parameters`` tensor, else from the request's parameters map (the
+    tensor wins, as in the vLLM backend). Either may hold numbers and flags as text
+    (``{"max_tokens": "8"}``), hence the text coercion."""
+    if SAMPLING_PARAMETERS in inputs:
+        values = _sampling_values_from_json(inputs[SAMPLING_PARAMETERS].values[0])
+    else:
+        values = _sampling_values_from_parameters(request.parameters)
+    return build_sampling_params(values, coercion=Coercion.TEXT)
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -349,12 +260,7 @@ def parse_infer_request(request: Any, model_name: str) -> InferRequest:
             "must not be false when streaming (deltas never repeat the prompt)",
         )
 
-    if SAMPLING_PARAMETERS in inputs:
-        values = _sampling_values_from_json(inputs[SAMPLING_PARAMETERS].values[0])
-    else:
-        values = _sampling_values_from_parameters(request.parameters)
-    params = sampling_params_from_dict(values)
-
+    params = _sampling_params(request, inputs)
     enabled = {TEXT_OUTPUT} | {
         out for flag_name, out in _OPTIONAL_OUTPUTS.items() if flag(flag_name)
     }

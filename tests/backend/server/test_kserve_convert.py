@@ -26,7 +26,6 @@ from pagedserve.backend.server.kserve_convert import (
     build_response,
     empty_final_response,
     parse_infer_request,
-    sampling_params_from_dict,
 )
 from pagedserve.backend.server.kserve_tensors import (
     decode_raw_bytes,
@@ -220,7 +219,7 @@ def test_bad_sampling_parameters_name_the_field(sampling: Any, field: str) -> No
 def test_every_sampling_field_is_accepted_by_name() -> None:
     defaults = SamplingParams()
     values = {name: getattr(defaults, name) for name in defaults.__dataclass_fields__}
-    assert sampling_params_from_dict(values) == defaults
+    assert parse_infer_request(triton_request(sampling=values), MODEL).params == defaults
 
 
 def _tensor_input(
