@@ -51,6 +51,7 @@ class _AsyncHealthStub(Protocol):
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
 
+
 _INPUT_FIELDS = frozenset({"prompt", "prompt_token_ids", "messages"})
 _PARAM_FIELDS = frozenset(
     f.name for f in pb.GenerateRequest.DESCRIPTOR.fields if f.name not in _INPUT_FIELDS
