@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pagedserve.backend.offline_cli import register_bench, register_generate
 from pagedserve.backend.runner.worker import register_worker
 from pagedserve.backend.server.cli import register_serve
 from pagedserve.clients.cli import register_chat
 
-REGISTRATIONS = [register_serve, register_generate, register_chat, register_bench, register_worker]
+if TYPE_CHECKING:
+    from pagedserve.backend.cli import Register
+
+REGISTRATIONS: list[Register] = [
+    register_serve,
+    register_generate,
+    register_chat,
+    register_bench,
+    register_worker,
+]

@@ -102,7 +102,7 @@ class EngineConfig:
     # would overlap.
     overlap_scheduling: bool | None = None
 
-    def sharing_device(self, index: int, count: int) -> "EngineConfig":
+    def sharing_device(self, index: int, count: int) -> EngineConfig:
         """This config for the ``index``-th of ``count`` engines loaded one after another in one
         process on one GPU (the in-process benchmarks). ``gpu_memory_utilization`` caps what the
         GPU holds once an engine has loaded, earlier engines included, so engine ``index`` may
@@ -113,9 +113,10 @@ class EngineConfig:
         return replace(self, cache=cache)
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat keyword names (``block_size=8, max_num_seqs=4``), as LLM() takes them."""
         config = cls()
+        sections: list[EngineConfig | ModelConfig | CacheConfig | SchedulerConfig | ParallelConfig]
         sections = [config, config.model, config.cache, config.scheduler, config.parallel]
         for key, value in kwargs.items():
             for section in sections:

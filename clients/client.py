@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +37,20 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 _HEALTH_POLL_S = 0.1
 
 Message = Mapping[str, str] | tuple[str, str]
+
+
+# What grpc_health's HealthStub holds (its published stubs declare the class without methods).
+class _HealthStub(Protocol):
+    Check: grpc.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+
+
+class _AsyncHealthStub(Protocol):
+    Check: grpc.aio.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+
 
 _INPUT_FIELDS = frozenset({"prompt", "prompt_token_ids", "messages"})
 _PARAM_FIELDS = frozenset(
@@ -94,7 +108,7 @@ class GenerationClient:
         self._tracing = ClientTracing(target, tracer_provider)
         self._channel = grpc.insecure_channel(target, options=list(options))
         self.stub = pb_grpc.GenerationServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health = cast(_HealthStub, health_pb2_grpc.HealthStub(self._channel))
 
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
@@ -118,7 +132,7 @@ class GenerationClient:
         try:
             response = self.stub.Complete(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
-            end_span(span, error.code(), error.details(), None)  # type: ignore[attr-defined]
+            end_span(span, error.code(), error.details(), None)
             raise
         end_span(span, grpc.StatusCode.OK, None, response)
         return response
@@ -154,7 +168,7 @@ class GenerationClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "GenerationClient":
+    def __enter__(self) -> GenerationClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -176,7 +190,7 @@ class AsyncGenerationClient:
         self._tracing = ClientTracing(target, tracer_provider)
         self._channel = grpc.aio.insecure_channel(target, options=list(options))
         self.stub = pb_grpc.GenerationServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health = cast(_AsyncHealthStub, health_pb2_grpc.HealthStub(self._channel))
 
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
@@ -184,6 +198,7 @@ class AsyncGenerationClient:
         request = build_request(prompt, **kwargs)
         span, metadata = self._tracing.start("Generate", request)
         call = self.stub.Generate(request, timeout=timeout, metadata=metadata)
+        # TracedStream stands in for the call: what it does not define is the call's (__getattr__).
         return TracedStream(call, span) if span.is_recording() else call  # type: ignore[return-value]
 
     async def generate_text(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[str]:
@@ -239,7 +254,7 @@ class AsyncGenerationClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncGenerationClient":
+    async def __aenter__(self) -> AsyncGenerationClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

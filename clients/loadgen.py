@@ -155,7 +155,7 @@ class BenchReport:
     rounds_offline_output_throughput: list[float] = field(default_factory=list)
 
     @classmethod
-    def best_of(cls, reports: list["BenchReport"], offline: list[float]) -> "BenchReport":
+    def best_of(cls, reports: list[BenchReport], offline: list[float]) -> BenchReport:
         """The fastest round, with every round's numbers beside it. On a shared machine the
         best round is the one least disturbed; both sides get the same treatment."""
         best = max(reports, key=lambda r: r.output_throughput)
@@ -172,7 +172,7 @@ class BenchReport:
         workload: ServeWorkload,
         pattern: LoadPattern,
         target: str,
-    ) -> "BenchReport":
+    ) -> BenchReport:
         ok = [r for r in records if r.error is None]
         output_tokens = sum(r.output_tokens for r in ok)
         return cls(

@@ -80,7 +80,7 @@ class TracedStream:
             self._span = None
 
     def _failed(self, error: grpc.RpcError) -> None:
-        self._end(error.code(), error.details())  # type: ignore[attr-defined]
+        self._end(error.code(), error.details())
 
     def cancel(self) -> bool:
         cancelled = self._call.cancel()

@@ -612,10 +612,10 @@ def _merge_kv_splits_kernel(
     split_mask = splits < num_splits
     part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + splits
     m = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"))
-    l = tl.load(part_sum_ptr + part, mask=split_mask, other=0.0)
+    sums = tl.load(part_sum_ptr + part, mask=split_mask, other=0.0)
     m_max = tl.max(m, axis=0)
     weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(weight * l, axis=0)
+    denom = tl.sum(weight * sums, axis=0)
     dims = tl.arange(0, HEAD_DIM_PAD)
     acc = tl.load(
         part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :],
@@ -647,7 +647,7 @@ def choose_num_kv_splits(
     return max(1, min(config.max_kv_splits, by_occupancy, by_length))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

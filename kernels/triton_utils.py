@@ -7,8 +7,9 @@ plain function that dispatch never reaches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,8 +23,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without Tri
     def _jit(fn: Callable[..., Any] | None = None, **_: Any) -> Any:
         return fn if fn is not None else (lambda f: f)
 
-    triton = SimpleNamespace(jit=_jit)  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+    triton = SimpleNamespace(jit=_jit)
+    tl = None
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "triton", "tl", "use_triton", "next_power_of_2", "cdiv"]

@@ -62,7 +62,7 @@ class LaunchEnv:
     local_rank: int | None
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "LaunchEnv | None":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
         """None when none of the variables is set; ValueError when only some are."""
         env = os.environ if environ is None else environ
         if not any(env.get(key) for key in ENV_KEYS):
@@ -171,10 +171,11 @@ class TensorParallelGroup:
         store: dist.Store,
         device: torch.device,
         timeout: timedelta,
-    ) -> "TensorParallelGroup":
+    ) -> TensorParallelGroup:
         """Join the default process group (NCCL on CUDA, gloo on CPU) and the gloo channel."""
         backend = "nccl" if device.type == "cuda" else "gloo"
-        store.set(f"{JOINED}/{rank}", b"")
+        # torch's stub declares str values; the binding takes bytes as well.
+        store.set(f"{JOINED}/{rank}", b"")  # type: ignore[arg-type]
         dist.init_process_group(
             backend,
             store=store,
@@ -235,7 +236,8 @@ class TensorParallelGroup:
     # -- loading -------------------------------------------------------------------------------
     def report_loaded(self, error: BaseException | None) -> None:
         message = "" if error is None else f"{type(error).__name__}: {error}"
-        self.store.set(f"{LOADED}/{self.rank}", message.encode())
+        # torch's stub declares str values; the binding takes bytes as well.
+        self.store.set(f"{LOADED}/{self.rank}", message.encode())  # type: ignore[arg-type]
 
     def wait_loaded(self, check_alive: Callable[[], None]) -> None:
         """Wait for every rank's load report; ModelLoadError naming the ranks that failed."""

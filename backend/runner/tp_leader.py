@@ -108,7 +108,7 @@ class TensorParallelLeader:
 
     # -- start -----------------------------------------------------------------------------------
     @classmethod
-    def launch(cls, config: EngineConfig, device: torch.device) -> "TensorParallelLeader":
+    def launch(cls, config: EngineConfig, device: torch.device) -> TensorParallelLeader:
         """Start (or await) the workers and join the process group as rank 0."""
         world = config.parallel.tensor_parallel_size
         timeout = timedelta(seconds=config.parallel.distributed_timeout_s)
@@ -143,7 +143,8 @@ class TensorParallelLeader:
             raise ModelLoadError(
                 f"cannot serve the rendezvous store on port {port}: {exc}"
             ) from exc
-        store.set(CONFIG_KEY, encode_config(config))
+        # torch's stub declares str values; the binding takes bytes as well.
+        store.set(CONFIG_KEY, encode_config(config))  # type: ignore[arg-type]
         leader = cls(config, store)
         try:
             if env is None:

@@ -223,7 +223,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register_worker(sub: "SubParsers") -> None:
+def register_worker(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "worker",
         help="run one tensor-parallel rank > 0 for a `pagedserve serve` on another node",

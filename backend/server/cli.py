@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     return asyncio.run(run_server(server_config_from_args(args), engine_config_from_args(args)))
 
 
-def register_serve(sub: "SubParsers") -> None:
+def register_serve(sub: SubParsers) -> None:
     from pagedserve.backend.cli import add_engine_args
 
     parser = sub.add_parser(

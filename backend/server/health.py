@@ -9,11 +9,14 @@ has sent the current status, so a draining server waits only for real work.
 from __future__ import annotations
 
 import asyncio
+from typing import TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-Status = health_pb2.HealthCheckResponse.ServingStatus
+# A HealthCheckResponse.ServingStatus value (SERVING, NOT_SERVING ...): protobuf enum values
+# are ints.
+Status: TypeAlias = int
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pagedserve import __version__
 from pagedserve.backend.engine.request import RequestTimes
 from pagedserve.backend.server import kserve_protocol as kp
 from pagedserve.backend.server.kserve_convert import INPUTS, OUTPUTS
+
+if TYPE_CHECKING:
+    from pagedserve.inference import grpc_service_pb2 as gs
 
 SERVER_NAME = "pagedserve"
 # Models have one version; requests may name it or leave it empty.
@@ -28,11 +31,11 @@ _NS_PER_S = 1_000_000_000
 _MS_PER_S = 1000
 
 
-def server_metadata() -> Any:
+def server_metadata() -> gs.ServerMetadataResponse:
     return kp.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
 
-def model_metadata(model_name: str) -> Any:
+def model_metadata(model_name: str) -> gs.ModelMetadataResponse:
     response = kp.ModelMetadataResponse(
         name=model_name, versions=[MODEL_VERSION], platform=PLATFORM
     )
@@ -43,7 +46,7 @@ def model_metadata(model_name: str) -> Any:
     return response
 
 
-def model_config(model_name: str, max_model_len: int) -> Any:
+def model_config(model_name: str, max_model_len: int) -> gs.ModelConfigResponse:
     config = kp.ModelConfig(name=model_name, platform=PLATFORM, backend=BACKEND, max_batch_size=0)
     config.model_transaction_policy.decoupled = True
     data_type = kp.DATA_TYPE.values_by_name
@@ -98,7 +101,7 @@ class ModelStats:
     def record_failure(self, elapsed_s: float) -> None:
         self.fail.add(elapsed_s)
 
-    def to_proto(self, model_name: str) -> Any:
+    def to_proto(self, model_name: str) -> gs.ModelStatistics:
         stats = kp.ModelStatistics(
             name=model_name,
             version=MODEL_VERSION,

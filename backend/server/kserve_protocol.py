@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import ast
 from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    # For their types only: importing them would register the names in the default pool.
+    from pagedserve.inference import grpc_service_pb2 as gs
+    from pagedserve.inference import model_config_pb2 as mc
 
 GENERATED_PACKAGE = "pagedserve.inference"
 # Dependencies first: grpc_service.proto imports model_config.proto.
@@ -60,28 +66,35 @@ def service_descriptor() -> ServiceDescriptor:
     return POOL.FindServiceByName(SERVICE_NAME)
 
 
-ServerLiveRequest = message_class("ServerLiveRequest")
-ServerLiveResponse = message_class("ServerLiveResponse")
-ServerReadyRequest = message_class("ServerReadyRequest")
-ServerReadyResponse = message_class("ServerReadyResponse")
-ModelReadyRequest = message_class("ModelReadyRequest")
-ModelReadyResponse = message_class("ModelReadyResponse")
-ServerMetadataRequest = message_class("ServerMetadataRequest")
-ServerMetadataResponse = message_class("ServerMetadataResponse")
-ModelMetadataRequest = message_class("ModelMetadataRequest")
-ModelMetadataResponse = message_class("ModelMetadataResponse")
-ModelConfigRequest = message_class("ModelConfigRequest")
-ModelConfigResponse = message_class("ModelConfigResponse")
-ModelConfig = message_class("ModelConfig")
-ModelInput = message_class("ModelInput")
-ModelOutput = message_class("ModelOutput")
-ModelStatisticsRequest = message_class("ModelStatisticsRequest")
-ModelStatisticsResponse = message_class("ModelStatisticsResponse")
-ModelStatistics = message_class("ModelStatistics")
-InferParameter = message_class("InferParameter")
-InferTensorContents = message_class("InferTensorContents")
-ModelInferRequest = message_class("ModelInferRequest")
-ModelInferResponse = message_class("ModelInferResponse")
-ModelStreamInferResponse = message_class("ModelStreamInferResponse")
+def _typed(name: str) -> Any:
+    """``message_class(name)``, for a module name declared with the class of the generated stubs
+    (``pagedserve/inference/*_pb2.pyi``): built from the same descriptor, the class has exactly
+    the fields those declare, though it is not the generated module's class object."""
+    return message_class(name)
+
+
+ServerLiveRequest: type[gs.ServerLiveRequest] = _typed("ServerLiveRequest")
+ServerLiveResponse: type[gs.ServerLiveResponse] = _typed("ServerLiveResponse")
+ServerReadyRequest: type[gs.ServerReadyRequest] = _typed("ServerReadyRequest")
+ServerReadyResponse: type[gs.ServerReadyResponse] = _typed("ServerReadyResponse")
+ModelReadyRequest: type[gs.ModelReadyRequest] = _typed("ModelReadyRequest")
+ModelReadyResponse: type[gs.ModelReadyResponse] = _typed("ModelReadyResponse")
+ServerMetadataRequest: type[gs.ServerMetadataRequest] = _typed("ServerMetadataRequest")
+ServerMetadataResponse: type[gs.ServerMetadataResponse] = _typed("ServerMetadataResponse")
+ModelMetadataRequest: type[gs.ModelMetadataRequest] = _typed("ModelMetadataRequest")
+ModelMetadataResponse: type[gs.ModelMetadataResponse] = _typed("ModelMetadataResponse")
+ModelConfigRequest: type[gs.ModelConfigRequest] = _typed("ModelConfigRequest")
+ModelConfigResponse: type[gs.ModelConfigResponse] = _typed("ModelConfigResponse")
+ModelConfig: type[mc.ModelConfig] = _typed("ModelConfig")
+ModelInput: type[mc.ModelInput] = _typed("ModelInput")
+ModelOutput: type[mc.ModelOutput] = _typed("ModelOutput")
+ModelStatisticsRequest: type[gs.ModelStatisticsRequest] = _typed("ModelStatisticsRequest")
+ModelStatisticsResponse: type[gs.ModelStatisticsResponse] = _typed("ModelStatisticsResponse")
+ModelStatistics: type[gs.ModelStatistics] = _typed("ModelStatistics")
+InferParameter: type[gs.InferParameter] = _typed("InferParameter")
+InferTensorContents: type[gs.InferTensorContents] = _typed("InferTensorContents")
+ModelInferRequest: type[gs.ModelInferRequest] = _typed("ModelInferRequest")
+ModelInferResponse: type[gs.ModelInferResponse] = _typed("ModelInferResponse")
+ModelStreamInferResponse: type[gs.ModelStreamInferResponse] = _typed("ModelStreamInferResponse")
 # model_config.proto's DataType enum: DATA_TYPE.values_by_name["TYPE_STRING"].number.
 DATA_TYPE = POOL.FindEnumTypeByName(f"{PROTO_PACKAGE}.DataType")

@@ -112,7 +112,7 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
     return StartedServer(server, state, port, names)
 
 
-async def warm_up(engine: "EngineClient") -> None:
+async def warm_up(engine: EngineClient) -> None:
     """One short greedy generation through the whole path (prefill, decode, detokenize)."""
     from pagedserve.backend.sampling_params import SamplingParams
 
@@ -343,7 +343,7 @@ class BackgroundServer:
         if self._error is not None:
             raise self._error
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.start()
         return self
 

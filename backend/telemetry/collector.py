@@ -65,14 +65,14 @@ class Collector:
             raise OSError(f"cannot bind {host}:{port}")
         self.endpoint = f"http://{host}:{self.port}"
 
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         self._server.start()
         return self
 
     def stop(self) -> None:
         self._server.stop(_STOP_GRACE_S).wait()
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

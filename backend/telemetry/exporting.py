@@ -14,7 +14,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import Link, SpanKind, get_current_span
+from opentelemetry.trace import Link, SpanKind, TraceState, get_current_span
 from opentelemetry.util.types import Attributes
 
 from pagedserve.backend.config import TelemetryConfig
@@ -42,13 +42,13 @@ class LinkedRootSampler(Sampler):
         kind: SpanKind | None = None,
         attributes: Attributes = None,
         links: Sequence[Link] | None = None,
-        trace_state: object = None,
+        trace_state: TraceState | None = None,
     ) -> SamplingResult:
         parent = get_current_span(parent_context).get_span_context()
         if not parent.is_valid and links and any(link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         return self._delegate.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state  # type: ignore[arg-type]
+            parent_context, trace_id, name, kind, attributes, links, trace_state
         )
 
     def get_description(self) -> str:

@@ -138,7 +138,7 @@ class ServingMetrics:
         for series in (*self._finished_m.values(), self._preemptions_m):
             series.inc(0)  # every series exists from the start, at zero
 
-    def on_step(self, info: "StepInfo") -> None:
+    def on_step(self, info: StepInfo) -> None:
         if info.num_preempted:
             self._preemptions_m.inc(info.num_preempted)
 

@@ -50,7 +50,7 @@ class Observer:
         self._queue.put(item)
 
     # -- engine-thread listeners ----------------------------------------------------------------
-    def on_step(self, info: "StepInfo") -> None:
+    def on_step(self, info: StepInfo) -> None:
         if info is self._last_step:  # an empty step reports the previous one again
             return
         self._last_step = info

@@ -18,7 +18,13 @@ import grpc
 from pagedserve.backend.config import TelemetryConfig
 from pagedserve.backend.telemetry.metrics import ServingMetrics
 from pagedserve.backend.telemetry.observer import Observer
-from pagedserve.backend.telemetry.tracing import NO_TRACE, NoTrace, RequestTracer, RpcTrace, rpc_span
+from pagedserve.backend.telemetry.tracing import (
+    NO_TRACE,
+    NoTrace,
+    RequestTracer,
+    RpcTrace,
+    rpc_span,
+)
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -38,7 +44,7 @@ _FLUSH_TIMEOUT_MS = 10_000
 
 class ServerTelemetry:
     def __init__(
-        self, config: TelemetryConfig, tracer_provider: "TracerProvider | None" = None
+        self, config: TelemetryConfig, tracer_provider: TracerProvider | None = None
     ) -> None:
         self.config = config
         self.tracer_provider = tracer_provider
@@ -64,14 +70,14 @@ class ServerTelemetry:
         self.metrics_port: int | None = None
 
     @classmethod
-    def from_config(cls, config: TelemetryConfig) -> "ServerTelemetry":
+    def from_config(cls, config: TelemetryConfig) -> ServerTelemetry:
         """OTLP export when an endpoint is configured (here or OTEL_*), metrics as configured."""
         from pagedserve.backend.telemetry.exporting import build_tracer_provider
 
         return cls(config, build_tracer_provider(config))
 
     @classmethod
-    def disabled(cls) -> "ServerTelemetry":
+    def disabled(cls) -> ServerTelemetry:
         return cls(TelemetryConfig(metrics_port=None))
 
     @property
@@ -95,7 +101,7 @@ class ServerTelemetry:
         if self.tracing:
             logger.info("tracing: exporting spans over OTLP")
 
-    def attach(self, engine: "EngineClient") -> None:
+    def attach(self, engine: EngineClient) -> None:
         """Observe ``engine``: its steps and deliveries go to the telemetry thread."""
         if self._observer is None:
             return

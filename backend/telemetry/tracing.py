@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from opentelemetry import propagate
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    set_span_in_context,
+)
 
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 from pagedserve.backend.telemetry import names as n
@@ -67,7 +75,7 @@ class RpcTrace:
         self.deadline = 0.0
 
     def start_request(
-        self, *, model: str, served_model: str, chat: bool, stream: bool, params: "SamplingParams"
+        self, *, model: str, served_model: str, chat: bool, stream: bool, params: SamplingParams
     ) -> None:
         """Call right before the engine gets the request, so its first step can link here."""
         attributes: dict[str, Any] = {
@@ -224,7 +232,7 @@ class RequestTracer:
         trace.deadline = time.monotonic() + self._final_wait_s
         self._waiting[trace] = None
 
-    def on_step(self, info: "StepInfo") -> None:
+    def on_step(self, info: StepInfo) -> None:
         ended = self._ended
         while ended and ended[0].end_time < info.start:
             _remove(self._linkable, ended.popleft())
@@ -319,7 +327,7 @@ class RequestTracer:
                 span.add_event(n.PREEMPTION_EVENT, timestamp=min(_ns(t), finished))
         last_name = marks[-1][0]
         if final.finish_reason in _CUT_SHORT:
-            reason = error_type or final.finish_reason.value  # type: ignore[union-attr]
+            reason = error_type or final.finish_reason.value
             spans[last_name].set_attribute(n.ERROR_TYPE, reason)
             spans[last_name].set_status(Status(StatusCode.ERROR, final.error or reason))
         for i, (name, _) in enumerate(marks):

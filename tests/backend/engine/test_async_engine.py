@@ -13,7 +13,7 @@ import pytest
 from pagedserve import LLM, SamplingParams
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.client import EngineClient
-from pagedserve.backend.engine.request import FinishReason
+from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 from pagedserve.backend.errors import QueueFullError
 
 
@@ -81,27 +81,85 @@ async def test_a_slow_reader_gets_every_step_it_missed_in_one_delta(engine, tiny
     assert all(len(lp.top) == 2 for d in deltas for lp in d.logprobs)
 
 
-async def test_cancel_mid_stream_aborts_and_frees_blocks(engine) -> None:
-    stream = engine.generate(prompt="a long story", params=SamplingParams(max_tokens=500, ignore_eos=True))
+# Long enough that a request left running after its stream closes cannot pass for an aborted
+# one: prompt + 1000 tokens fit the tiny model's 1024 positions and the 96 x 16-token cache.
+LONG_MAX_TOKENS = 1000
+# Waits for the final delta of a request that should have been aborted. Only a broken abort
+# makes it long: then the request runs all its tokens, or this expires; either fails the test.
+FINAL_DELTA_TIMEOUT_S = 120.0
+
+
+class FinalDeltas:
+    """The final delta of every request the engine ends, as its output listener sees them:
+    also those of requests whose stream was closed, which no stream receives."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self._finals: dict[str, RequestOutputDelta] = {}
+        self._lock = threading.Lock()  # the listener runs on the thread that delivers
+        engine.add_output_listener(self._on_deltas)
+
+    def _on_deltas(self, deltas: list[RequestOutputDelta]) -> None:
+        with self._lock:
+            for delta in deltas:
+                if delta.finished:
+                    self._finals[delta.request_id] = delta
+
+    async def wait(
+        self, request_id: str, timeout: float = FINAL_DELTA_TIMEOUT_S
+    ) -> RequestOutputDelta:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                final = self._finals.get(request_id)
+            if final is not None:
+                return final
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"request {request_id} did not end within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def final_deltas(engine) -> FinalDeltas:
+    return FinalDeltas(engine)
+
+
+def assert_aborted_early(final: RequestOutputDelta, params: SamplingParams) -> None:
+    """Ended by an abort, a few steps after its stream closed: nowhere near max_tokens (a
+    request the engine was never told to abort ends with LENGTH after all of them)."""
+    assert final.finish_reason is FinishReason.ABORT, (final.finish_reason, final.usage)
+    assert final.usage is not None
+    assert final.usage.completion_tokens < params.max_tokens // 2, final.usage
+
+
+async def test_cancel_mid_stream_aborts_and_frees_blocks(engine, final_deltas) -> None:
+    params = SamplingParams(max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
+    stream = engine.generate(prompt="a long story", params=params, request_id="closed-stream")
     got = 0
     async for _ in stream:
         got += 1
         if got == 3:
             break
     await stream.aclose()
+    assert_aborted_early(await final_deltas.wait("closed-stream"), params)
     await wait_all_free(engine)
 
 
-async def test_task_cancellation_aborts(engine) -> None:
+async def test_task_cancellation_aborts(engine, final_deltas) -> None:
+    params = SamplingParams(max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
+    streaming = asyncio.Event()
+
     async def consume():
-        async for _ in engine.generate(prompt="x", params=SamplingParams(max_tokens=500, ignore_eos=True)):
-            pass
+        got = 0
+        async for _ in engine.generate(prompt="x", params=params, request_id="cancelled-task"):
+            got += 1
+            if got == 3:
+                streaming.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(streaming.wait(), timeout=60.0)  # cancelled mid-stream
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert_aborted_early(await final_deltas.wait("cancelled-task"), params)
     await wait_all_free(engine)
 
 

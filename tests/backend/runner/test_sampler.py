@@ -1,7 +1,16 @@
-"""Sampler: greedy, filters, penalties, seeds and logprobs against direct torch computations."""
+"""Sampler: greedy, filters, penalties, seeds and logprobs against direct torch computations.
+
+Every random draw is seeded: the logits through the autouse fixture below (torch's global
+generator, reset before each test), the sampler's draws through the generators ``run`` builds.
+The statistical tests compare empirical token frequencies with the distribution the parameters
+define, at tolerances derived in ``tolerance``.
+"""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from pagedserve.backend.engine.request import Request
@@ -9,6 +18,22 @@ from pagedserve.backend.runner.sampler import Sampler, SamplingBatch
 from pagedserve.backend.sampling_params import SamplingParams
 
 VOCAB = 50
+# The statistical tests first check that their logits can tell each mistake they list apart
+# from the right distribution (assert_frequencies): with this seed they all can. Not every
+# seed gives such logits (a row may have one dominant token, so top_p=0.5 keeps it alone);
+# another seed fails those checks loudly rather than testing less.
+LOGITS_SEED = 1
+# Draws per frequency test (one row each; 20k rows of 50 logits sample in well under a second).
+N_DRAWS = 20_000
+# Probability that a correct sampler fails one frequency comparison, over the sampler's draws:
+# for any seed, not only the fixed one.
+FALSE_FAILURE = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def seeded_logits() -> None:
+    """Each test draws its logits from torch's global generator, seeded the same every time."""
+    torch.manual_seed(LOGITS_SEED)
 
 
 def req(rid: str, prompt: list[int] | None = None, out: list[int] | None = None, **kw) -> Request:
@@ -43,40 +68,129 @@ def test_mixed_greedy_and_random_rows() -> None:
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
-def empirical(params: dict, logits_row: torch.Tensor, n: int = 4000) -> torch.Tensor:
+def empirical(params: dict, logits_row: torch.Tensor, n: int = N_DRAWS) -> torch.Tensor:
+    """Token frequencies of ``n`` independent draws (one row each) with ``params``."""
     logits = logits_row.expand(n, VOCAB).contiguous()
     out = run([req(str(i), **params) for i in range(n)], logits, seed=1)
-    return torch.bincount(torch.tensor(out.token_ids), minlength=VOCAB).float() / n
+    return torch.bincount(torch.tensor(out.token_ids), minlength=VOCAB).double() / n
+
+
+def tolerance(p: torch.Tensor, n: int = N_DRAWS, failure: float = FALSE_FAILURE) -> torch.Tensor:
+    """Per token, a t with P(|freq - p| >= t) <= failure / VOCAB, where freq is the frequency of
+    a token of probability p in n independent draws.
+
+    freq is the mean of n independent indicators of variance p (1 - p), each within 1 of p, so
+    Bernstein's inequality gives P(|freq - p| >= t) <= 2 exp(-n t^2 / (2 p (1 - p) + 2 t / 3)).
+    Setting the right side to failure / VOCAB, with L = ln(2 VOCAB / failure), and solving for t:
+
+        t = L / (3 n) + sqrt((L / (3 n))^2 + 2 p (1 - p) L / n)
+
+    By the union bound, every token of the vocabulary is then within its t of its probability
+    except with probability ``failure``. Unlike the normal approximation (about 4 sqrt(p (1 - p)
+    / n)) it holds for small p too. For n = 20000 and failure = 1e-6 (L = 18.4): t = 0.022 at
+    p = 0.5, 0.013 at p = 0.1, 0.0063 at p = 0.02 and 0.0006 at p = 0.
+    """
+    a = math.log(2 * VOCAB / failure) / (3 * n)
+    return a + torch.sqrt(a * a + 6 * a * p * (1 - p))
+
+
+def assert_frequencies(
+    freq: torch.Tensor, expected: torch.Tensor, wrong: dict[str, torch.Tensor]
+) -> None:
+    """``freq`` is within tolerance of ``expected`` on every token; first, each of the ``wrong``
+    distributions (what a broken sampler would draw from) is shown to fail that check.
+
+    A wrong distribution q fails it when, on some token, |q - expected| exceeds
+    tolerance(expected) + tolerance(q): a sampler drawing from q lands within tolerance(q) of q
+    there (except with probability FALSE_FAILURE), so beyond tolerance(expected) of expected.
+    Checking that on these (seeded) logits makes sure the test can tell each mistake apart."""
+    expected = expected.double()
+    tol = tolerance(expected)
+    for name, q in wrong.items():
+        q = q.double()
+        margin = (q - expected).abs() - tol - tolerance(q)
+        assert margin.max() > 0, f"these logits cannot tell a sampler that {name} apart"
+    excess = (freq - expected).abs() - tol
+    worst = int(excess.argmax())
+    assert excess[worst] <= 0, (
+        f"token {worst}: frequency {float(freq[worst]):.4f}, probability "
+        f"{float(expected[worst]):.4f}, tolerance {float(tol[worst]):.4f}"
+    )
+
+
+def assert_support(freq: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Tokens the filters remove have probability exactly 0: not one draw may land on them."""
+    drawn = set(torch.nonzero(freq).flatten().tolist())
+    assert drawn <= set(torch.nonzero(allowed).flatten().tolist())
+
+
+def renormalised(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``probs`` restricted to the tokens ``keep`` marks, renormalised."""
+    kept = torch.where(keep, probs, torch.zeros_like(probs))
+    return kept / kept.sum()
+
+
+def top_n(probs: torch.Tensor, n: int) -> torch.Tensor:
+    """The mask of the n most probable tokens."""
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[probs.topk(n).indices] = True
+    return keep
 
 
 def test_temperature_sampling_matches_softmax() -> None:
     row = torch.randn(VOCAB) * 2
     freq = empirical({"temperature": 0.7}, row)
     expected = torch.softmax(row / 0.7, -1)
-    assert (freq - expected).abs().max() < 0.03
+    wrong = {
+        "ignores the temperature": torch.softmax(row, -1),
+        "multiplies by the temperature": torch.softmax(row * 0.7, -1),
+    }
+    assert_frequencies(freq, expected, wrong)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     row = torch.randn(VOCAB) * 2
     freq = empirical({"temperature": 1.0, "top_p": 0.5}, row)
     probs = torch.softmax(row, -1)
-    sorted_p, order = probs.sort(descending=True)
+    sorted_p = probs.sort(descending=True).values
+    # The smallest prefix of the sorted tokens whose mass reaches 0.5: every token whose
+    # predecessors have not reached it yet.
     keep = int((sorted_p.cumsum(0) - sorted_p < 0.5).sum())
-    allowed = set(order[:keep].tolist())
-    assert set(torch.nonzero(freq).flatten().tolist()) <= allowed
-    renorm = torch.zeros(VOCAB)
-    renorm[order[:keep]] = sorted_p[:keep] / sorted_p[:keep].sum()
-    assert (freq - renorm).abs().max() < 0.04
+    assert keep >= 2, "these logits cannot test keeping one token too few"
+    expected = renormalised(probs, top_n(probs, keep))
+    assert_support(freq, expected > 0)
+    wrong = {
+        "keeps one token too many": renormalised(probs, top_n(probs, keep + 1)),
+        "keeps one token too few": renormalised(probs, top_n(probs, keep - 1)),
+        "ignores top_p": probs,
+    }
+    assert_frequencies(freq, expected, wrong)
 
 
 def test_top_k_and_min_p_restrict_support() -> None:
     row = torch.randn(VOCAB) * 2
-    freq = empirical({"temperature": 1.0, "top_k": 5}, row, n=2000)
-    assert set(torch.nonzero(freq).flatten().tolist()) <= set(row.topk(5).indices.tolist())
     probs = torch.softmax(row, -1)
-    freq = empirical({"temperature": 1.0, "min_p": 0.2}, row, n=2000)
-    allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
-    assert set(torch.nonzero(freq).flatten().tolist()) <= allowed
+
+    freq = empirical({"temperature": 1.0, "top_k": 5}, row)
+    expected = renormalised(probs, top_n(probs, 5))
+    assert_support(freq, expected > 0)
+    wrong = {
+        "keeps k + 1 tokens": renormalised(probs, top_n(probs, 6)),
+        "keeps k - 1 tokens": renormalised(probs, top_n(probs, 4)),
+    }
+    assert_frequencies(freq, expected, wrong)
+
+    # min_p keeps the tokens at least min_p times as probable as the most probable one.
+    freq = empirical({"temperature": 1.0, "min_p": 0.2}, row)
+    expected = renormalised(probs, probs >= 0.2 * probs.max())
+    assert_support(freq, expected > 0)
+    wrong = {
+        "compares with min_p itself, not min_p x the top probability": renormalised(
+            probs, probs >= 0.2
+        ),
+        "ignores min_p": probs,
+    }
+    assert_frequencies(freq, expected, wrong)
 
 
 def test_seeded_rows_do_not_depend_on_batch_composition() -> None:
