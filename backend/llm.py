@@ -33,7 +33,7 @@ class LLM:
         self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_kwargs))
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLM":
+    def from_config(cls, config: EngineConfig) -> LLM:
         llm = cls.__new__(cls)
         llm.engine = EngineCore(config)
         return llm
@@ -46,7 +46,7 @@ class LLM:
         """Stop the tensor-parallel worker processes (they also stop when this process exits)."""
         self.engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -171,7 +171,7 @@ class PeerTarget:
     special_ids: set[int]
 
     @classmethod
-    def of(cls, llm: Any) -> "PeerTarget":
+    def of(cls, llm: Any) -> PeerTarget:
         runner = llm.engine.runner
         return cls(
             hf_config=runner.loaded.hf_config,

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -135,9 +135,15 @@ def _put_all(items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]]) -
 class EngineChannel(Protocol):
     """Commands to the core, its events to ``start``'s handler, in order both ways."""
 
-    core: EngineCore | None  # the core itself, when it runs in this process
     ready: EngineReady
-    pid: int | None  # the engine process's id; None when the core runs in this process
+
+    @property
+    def core(self) -> EngineCore | None:
+        """The core itself, when it runs in this process."""
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id; None when the core runs in this process."""
 
     @property
     def is_alive(self) -> bool: ...
@@ -154,18 +160,23 @@ class ThreadChannel:
     """The core on a thread of this process: no copies, but one interpreter lock for both. Its
     events are handled on the core's thread."""
 
-    pid = None
-
     def __init__(self, core: EngineCore) -> None:
-        self.core: EngineCore | None = core
+        self._core = core
         self.ready = EngineReady(core.model_info, core.builder, core.get_load())
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
+    @property
+    def core(self) -> EngineCore:
+        return self._core
+
+    @property
+    def pid(self) -> None:
+        return None
+
     def start(self, on_event: EventHandler) -> None:
-        assert self.core is not None
         self._thread = threading.Thread(
-            target=self.core.serve, args=(self._inbox, on_event), name="pagedserve-engine",
+            target=self._core.serve, args=(self._inbox, on_event), name="pagedserve-engine",
             daemon=True,
         )
         self._thread.start()
@@ -181,16 +192,13 @@ class ThreadChannel:
         self._inbox.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
-        if self.core is not None:
-            self.core.shutdown()
+        self._core.shutdown()
 
 
 class ProcessChannel:
     """The core in a child process behind a socket pair. The child watches the socket (if this
     process goes away, the engine stops and exits); a reader thread here watches it too (an
     engine process that dies fails every request at once)."""
-
-    core = None  # the core lives in the other process
 
     def __init__(self, config: EngineConfig) -> None:
         """Blocking: starts the process and waits until its model is loaded."""
@@ -233,7 +241,11 @@ class ProcessChannel:
             return None
 
     @property
-    def pid(self) -> int:  # type: ignore[override]
+    def core(self) -> None:
+        return None  # the core lives in the other process
+
+    @property
+    def pid(self) -> int:
         return self._process.pid
 
     @property
@@ -316,7 +328,7 @@ class EngineClient:
     @classmethod
     def from_config(
         cls, config: EngineConfig, stream_interval: int = 1, *, engine_process: bool = False
-    ) -> "EngineClient":
+    ) -> EngineClient:
         """Blocking: loads the model and starts the step loop, in a process of its own when
         ``engine_process``, else on a thread of this one."""
         _checked_interval(stream_interval)  # before the (slow) model load
@@ -367,7 +379,7 @@ class EngineClient:
         prompt_token_ids: list[int] | None = None,
         params: SamplingParams,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutputDelta]:
+    ) -> AsyncGenerator[RequestOutputDelta, None]:
         """Admit now (raising typed errors) and send; stream deltas from the iterator.
 
         Closing or cancelling the iterator aborts the request and frees its blocks.
@@ -390,7 +402,9 @@ class EngineClient:
             self._channel.send(AddRequest(request))
         return self._stream(request.request_id, mailbox)
 
-    async def _stream(self, request_id: str, mailbox: _Mailbox) -> AsyncIterator[RequestOutputDelta]:
+    async def _stream(
+        self, request_id: str, mailbox: _Mailbox
+    ) -> AsyncGenerator[RequestOutputDelta, None]:
         try:
             while True:
                 delta = await mailbox.take()

@@ -301,7 +301,7 @@ class EngineCore:
         """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
         self.runner.shutdown()
 
-    def serve(self, inbox: "queue.SimpleQueue[Command]", emit: Callable[[Event], None]) -> None:
+    def serve(self, inbox: queue.SimpleQueue[Command], emit: Callable[[Event], None]) -> None:
         """The step loop: apply the inbox's commands, step while there is work, ``emit`` one
         StepOutputs per step, until Shutdown (every request then ends as aborted) or a fatal
         error (EngineFailed). ``emit`` must be safe to call from a tensor-parallel monitor
@@ -331,7 +331,7 @@ class EngineCore:
         emit(EngineFailed("the engine has shut down"))
 
     def _apply(
-        self, inbox: "queue.SimpleQueue[Command]", block: bool
+        self, inbox: queue.SimpleQueue[Command], block: bool
     ) -> tuple[list[RequestOutputDelta], int, bool]:
         """Apply queued commands (waiting for one when ``block``); returns the aborts' final
         deltas, how many commands were applied and whether Shutdown came."""
@@ -358,7 +358,7 @@ class EngineCore:
 
 
 # -- the engine process ----------------------------------------------------------------------
-def _forward_commands(conn: Connection, inbox: "queue.SimpleQueue[Command]") -> None:
+def _forward_commands(conn: Connection, inbox: queue.SimpleQueue[Command]) -> None:
     """The engine process's reader: the client's commands into the loop's inbox. A closed
     socket means the server's process is gone: the loop stops."""
     try:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from pagedserve.backend.engine.request import Request, RequestOutputDelta
 
@@ -91,7 +91,7 @@ class LoadInfo:
 # -- commands ------------------------------------------------------------------------------
 @dataclass
 class StartEngine:
-    config: "EngineConfig"
+    config: EngineConfig
 
 
 @dataclass
@@ -109,14 +109,14 @@ class Shutdown:
     pass
 
 
-Command = Union[StartEngine, AddRequest, AbortRequest, Shutdown]
+Command = StartEngine | AddRequest | AbortRequest | Shutdown
 
 
 # -- events --------------------------------------------------------------------------------
 @dataclass
 class EngineReady:
     model_info: ModelInfo
-    builder: "RequestBuilder"
+    builder: RequestBuilder
     load: LoadInfo
 
 
@@ -142,8 +142,8 @@ class EngineExited:
     pass
 
 
-Event = Union[EngineReady, EngineLoadFailed, StepOutputs, EngineFailed, EngineExited]
-Message = Union[Command, Event]
+Event = EngineReady | EngineLoadFailed | StepOutputs | EngineFailed | EngineExited
+Message = Command | Event
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def decode(frame: bytes) -> Message:
         raise ValueError(f"message of wire version {version}, expected {WIRE_VERSION}")
     if isinstance(body, _StepOutputsWire):
         return _unflatten(body)
-    return body  # type: ignore[no-any-return]
+    return body
 
 
 def portable(error: BaseException) -> BaseException:

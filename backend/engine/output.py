@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 from pagedserve.backend.engine.request import (
     FinishReason,
     Request,
@@ -22,8 +24,6 @@ from pagedserve.backend.engine.request import (
 )
 
 REPLACEMENT_CHAR = "\ufffd"
-
-from tokenizers.decoders import DecodeStream
 
 
 def _fast_decoder(tokenizer: Any) -> Any:

@@ -75,7 +75,7 @@ class RequestOutputDelta:
     num_preemptions: int = 0  # on the final delta
     num_prefill_chunks: int = 0  # on the final delta: steps that computed prompt tokens
 
-    def followed_by(self, later: "RequestOutputDelta") -> "RequestOutputDelta":
+    def followed_by(self, later: RequestOutputDelta) -> RequestOutputDelta:
         """This delta and the next one of the same request as one: text and tokens joined,
         everything that only the final delta carries taken from ``later``."""
         logprobs = None
@@ -148,8 +148,8 @@ class Request:
     table_row: int = -1
 
     # -- sampling and output (set when the core admits it) -----------------------------------
-    generator: "torch.Generator | None" = None
-    output: "OutputState | None" = None
+    generator: torch.Generator | None = None
+    output: OutputState | None = None
 
     num_preemptions: int = 0
     # Steps that ran part of its prefill before the first token (chunked prefill).

@@ -44,7 +44,7 @@ class AttentionMetadata:
     num_kv_splits: int | None = None
 
     @classmethod
-    def single_prefill(cls, n: int, block_size: int, device: torch.device | str) -> "AttentionMetadata":
+    def single_prefill(cls, n: int, block_size: int, device: torch.device | str) -> AttentionMetadata:
         """One sequence of ``n`` new tokens with no cached prefix, stored in blocks 0, 1, ...
         (profiling steps, whole-prompt logits)."""
         blocks = -(-n // block_size)

@@ -89,7 +89,7 @@ class StepBatch:
         return num_tokens + num_seqs * (2 + max_blocks) + num_samples + num_in_flight
 
     @classmethod
-    def unpack(cls, header: np.ndarray, payload: np.ndarray) -> "StepBatch":
+    def unpack(cls, header: np.ndarray, payload: np.ndarray) -> StepBatch:
         num_tokens, num_seqs, max_blocks, num_samples, num_in_flight = (int(x) for x in header)
         ends = np.cumsum(
             [num_tokens, num_seqs, num_seqs, num_seqs * max_blocks, num_samples, num_in_flight]

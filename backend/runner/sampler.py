@@ -83,7 +83,7 @@ class SamplingBatch:
     @classmethod
     def from_requests(
         cls, requests: list[Request], vocab_size: int, device: torch.device
-    ) -> "SamplingBatch":
+    ) -> SamplingBatch:
         params = [r.params for r in requests]
         n = len(requests)
 
@@ -115,16 +115,15 @@ class SamplingBatch:
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
             for i, r in enumerate(requests):
-                ids = torch.tensor(r.all_token_ids, dtype=torch.int64, device=device)
-                seen[i, ids] = True
+                seen[i, torch.tensor(r.all_token_ids, dtype=torch.int64, device=device)] = True
             penalty = column([p.repetition_penalty for p in params]).unsqueeze(1)
             processors.append(RepetitionPenalty(penalty, seen))
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
             counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
             for i, r in enumerate(requests):
                 if r.output_token_ids:
-                    ids = torch.tensor(r.output_token_ids, dtype=torch.int64, device=device)
-                    counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+                    out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=device)
+                    counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
             processors.append(
                 OccurrencePenalties(
                     presence=column([p.presence_penalty for p in params]).unsqueeze(1),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -58,14 +58,14 @@ class GenerationServicer:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _serving_engine(self) -> "EngineClient":
+    def _serving_engine(self) -> EngineClient:
         reason = self._state.unavailable_reason()
         if reason is not None:
             raise UnavailableError(reason)
         assert self._state.engine is not None
         return self._state.engine
 
-    def _loaded_engine(self) -> "EngineClient":
+    def _loaded_engine(self) -> EngineClient:
         """For read-only RPCs, which keep answering while the server drains."""
         if self._state.engine is None:
             raise UnavailableError(self._state.unavailable_reason() or "model is loading")
@@ -81,7 +81,7 @@ class GenerationServicer:
         request_id: str,
         trace: RpcTrace | NoTrace,
         streaming: bool,
-    ) -> AsyncIterator[RequestOutputDelta]:
+    ) -> AsyncGenerator[RequestOutputDelta, None]:
         """Admit the request and yield its deltas; a failed request raises its typed error."""
         if isinstance(request, UndecodableRequest):
             raise InvalidArgumentError(request.field, request.reason)
@@ -116,7 +116,7 @@ class GenerationServicer:
         finally:
             # Closing the engine's iterator before it finished (cancel, deadline, a failure
             # here) aborts the request and frees its blocks within one engine step.
-            await aclose(stream)
+            await stream.aclose()
 
     # -- RPCs ----------------------------------------------------------------------------------
 
@@ -216,12 +216,6 @@ class GenerationServicer:
         )
 
 
-async def aclose(stream: AsyncIterator[RequestOutputDelta]) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()
-
-
 def _request_id(request: pb.GenerateRequest | UndecodableRequest) -> str:
     """The client's id, or a fresh one the server echoes back."""
     if isinstance(request, pb.GenerateRequest) and request.request_id:
@@ -237,7 +231,7 @@ def add_generation_service(server: grpc.aio.Server, state: ServerState) -> list[
     """
     servicer = GenerationServicer(state)
     generate_request = tolerant_deserializer(pb.GenerateRequest)
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
             request_deserializer=generate_request,

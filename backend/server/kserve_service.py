@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -184,7 +184,7 @@ class KServeServicer:
 
     async def _deltas(
         self, engine: EngineClient, request: InferRequest, completion: _Completion
-    ) -> AsyncIterator[RequestOutputDelta]:
+    ) -> AsyncGenerator[RequestOutputDelta, None]:
         """Run ``request`` in the engine, adding each delta to ``completion`` as it comes.
 
         Leaving the iteration early (client gone, stream cancelled) closes the engine's
@@ -205,7 +205,7 @@ class KServeServicer:
 
     async def _decoupled_responses(
         self, engine: EngineClient, request: InferRequest, completion: _Completion
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """The ModelInferResponses of one request on a stream, each with its final flag."""
         names = {"model_name": self._model_name, "model_version": MODEL_VERSION}
         data_final = not request.empty_final_response

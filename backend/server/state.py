@@ -18,7 +18,6 @@ All methods run on the server's event loop.
 from __future__ import annotations
 
 import asyncio
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,7 @@ class ServerState:
 
     served_model_name: str
     health: HealthServicer = field(default_factory=HealthServicer)
-    engine: "EngineClient | None" = None
+    engine: EngineClient | None = None
     draining: bool = False
     load_error: str | None = None
     # Fully qualified service names whose health status follows the serving phase.
@@ -74,7 +73,7 @@ class ServerState:
             self.health_services.append(name)
         await self._publish()
 
-    async def mark_ready(self, engine: "EngineClient") -> None:
+    async def mark_ready(self, engine: EngineClient) -> None:
         # The engine's name is authoritative (it knows the default model's name).
         self.served_model_name = engine.model_info.name
         self.engine = engine

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -87,7 +87,8 @@ def tolerant_deserializer(message_type: type[M]) -> Callable[[bytes], M | Undeco
         try:
             return message_type.FromString(data)
         except DecodeError as error:
-            field = find_invalid_utf8(data, message_type.DESCRIPTOR)
+            # The stubs type DESCRIPTOR as the pure-Python or the upb class; both walk alike.
+            field = find_invalid_utf8(data, cast(Descriptor, message_type.DESCRIPTOR))
             if field is not None:
                 return UndecodableRequest(field, "is not valid UTF-8")
             return UndecodableRequest("request", f"cannot be parsed ({error})")
