@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.core import EngineCore, relax_gc
+from pagedserve.backend.engine.core import EngineCore, QueueCommands, relax_gc
 from pagedserve.backend.engine.messages import (
     AbortRequest,
     AddRequest,
@@ -51,8 +50,7 @@ from pagedserve.backend.engine.messages import (
     decode,
     encode,
 )
-from pagedserve.backend.engine.request import RequestOutputDelta
-from pagedserve.backend.engine.request_builder import RequestBuilder, request_id_in_use
+from pagedserve.backend.engine.request import RequestBuilder, RequestOutputDelta, request_id_in_use
 from pagedserve.backend.errors import EngineDeadError, PagedServeError, QueueFullError
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -163,7 +161,7 @@ class ThreadChannel:
     def __init__(self, core: EngineCore) -> None:
         self._core = core
         self.ready = EngineReady(core.model_info, core.builder, core.get_load())
-        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._commands = QueueCommands()
         self._thread: threading.Thread | None = None
 
     @property
@@ -176,7 +174,7 @@ class ThreadChannel:
 
     def start(self, on_event: EventHandler) -> None:
         self._thread = threading.Thread(
-            target=self._core.serve, args=(self._inbox, on_event), name="pagedserve-engine",
+            target=self._core.serve, args=(self._commands, on_event), name="pagedserve-engine",
             daemon=True,
         )
         self._thread.start()
@@ -186,10 +184,10 @@ class ThreadChannel:
         return self._thread is not None and self._thread.is_alive()
 
     def send(self, command: Command) -> None:
-        self._inbox.put(command)
+        self._commands.put(command)
 
     def close(self, timeout_s: float) -> None:
-        self._inbox.put(Shutdown())
+        self._commands.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
         self._core.shutdown()

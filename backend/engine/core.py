@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from pagedserve.backend.config import EngineConfig
 from pagedserve.backend.engine.block_manager import BlockManager
@@ -56,15 +56,19 @@ from pagedserve.backend.engine.messages import (
     portable,
 )
 from pagedserve.backend.engine.output import OutputProcessor
-from pagedserve.backend.engine.request import FinishReason, Request, RequestOutputDelta
-from pagedserve.backend.engine.request_builder import RequestBuilder
+from pagedserve.backend.engine.request import (
+    FinishReason,
+    Request,
+    RequestBuilder,
+    RequestOutputDelta,
+)
 from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# The loop sleeps at most this long without work before it looks at its inbox again.
+# The loop waits at most this long for a command while idle (then it looks again).
 IDLE_WAIT_S = 1.0
 
 # Allocations between young-generation collections, and how many of those per older one.
@@ -93,6 +97,49 @@ class _InFlight:
     # A request it samples for reads its whole token history on the host (penalties,
     # min_tokens): the next step must wait for this one's ids before it is scheduled.
     blocks_overlap: bool
+
+
+class CommandSource(Protocol):
+    """Where the loop reads the client's commands, in the order they were sent."""
+
+    def get(self, timeout_s: float) -> Command | None:
+        """The next command, waiting up to ``timeout_s`` (0: not at all); None if none came."""
+
+
+class QueueCommands:
+    """Commands from a client in this process."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Command] = queue.SimpleQueue()
+
+    def put(self, command: Command) -> None:
+        self._queue.put(command)
+
+    def get(self, timeout_s: float) -> Command | None:
+        try:
+            return self._queue.get(timeout=timeout_s) if timeout_s > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+
+class SocketCommands:
+    """Commands from the server's process, read by the loop itself between steps (no reader
+    thread, no hand-off). A closed socket means the server's process is gone: Shutdown."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get(self, timeout_s: float) -> Command | None:
+        try:
+            if not self._conn.poll(timeout_s):
+                return None
+            message = decode(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            logger.warning("the server's process is gone: stopping the engine")
+            return Shutdown()
+        if not isinstance(message, AddRequest | AbortRequest | Shutdown):
+            raise TypeError(f"unexpected message from the client: {type(message).__name__}")
+        return message
 
 
 class EngineCore:
@@ -301,8 +348,8 @@ class EngineCore:
         """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
         self.runner.shutdown()
 
-    def serve(self, inbox: queue.SimpleQueue[Command], emit: Callable[[Event], None]) -> None:
-        """The step loop: apply the inbox's commands, step while there is work, ``emit`` one
+    def serve(self, commands: CommandSource, emit: Callable[[Event], None]) -> None:
+        """The step loop: apply the client's commands, step while there is work, ``emit`` one
         StepOutputs per step, until Shutdown (every request then ends as aborted) or a fatal
         error (EngineFailed). ``emit`` must be safe to call from a tensor-parallel monitor
         thread too (it reports a dead rank)."""
@@ -312,7 +359,7 @@ class EngineCore:
         reported: StepInfo | None = None
         try:
             while True:
-                deltas, applied, stopping = self._apply(inbox, block=not self.has_unfinished())
+                deltas, applied, stopping = self._apply(commands, block=not self.has_unfinished())
                 if stopping:
                     break
                 if self.has_unfinished():
@@ -331,16 +378,15 @@ class EngineCore:
         emit(EngineFailed("the engine has shut down"))
 
     def _apply(
-        self, inbox: queue.SimpleQueue[Command], block: bool
+        self, commands: CommandSource, block: bool
     ) -> tuple[list[RequestOutputDelta], int, bool]:
         """Apply queued commands (waiting for one when ``block``); returns the aborts' final
         deltas, how many commands were applied and whether Shutdown came."""
         deltas: list[RequestOutputDelta] = []
         applied = 0
         while True:
-            try:
-                command = inbox.get(timeout=IDLE_WAIT_S) if block else inbox.get_nowait()
-            except queue.Empty:
+            command = commands.get(IDLE_WAIT_S if block else 0.0)
+            if command is None:
                 return deltas, applied, False
             block = False
             applied += 1
@@ -358,20 +404,6 @@ class EngineCore:
 
 
 # -- the engine process ----------------------------------------------------------------------
-def _forward_commands(conn: Connection, inbox: queue.SimpleQueue[Command]) -> None:
-    """The engine process's reader: the client's commands into the loop's inbox. A closed
-    socket means the server's process is gone: the loop stops."""
-    try:
-        while True:
-            command = decode(conn.recv_bytes())
-            inbox.put(command)  # type: ignore[arg-type]  # the client sends commands only
-            if isinstance(command, Shutdown):
-                return
-    except (EOFError, OSError):
-        logger.warning("the server's process is gone: stopping the engine")
-        inbox.put(Shutdown())
-
-
 def run_engine_process(conn: Connection) -> None:
     """The engine process: read StartEngine, load, report ready, run the loop until stopped."""
     started = time.monotonic()
@@ -399,13 +431,8 @@ def run_engine_process(conn: Connection) -> None:
         return
     emit(EngineReady(core.model_info, core.builder, core.get_load()))
     logger.info("engine process ready in %.1f s", time.monotonic() - started)
-    inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-    threading.Thread(
-        target=_forward_commands, args=(conn, inbox), name="pagedserve-engine-commands",
-        daemon=True,
-    ).start()
     try:
-        core.serve(inbox, emit)
+        core.serve(SocketCommands(conn), emit)
     finally:
         core.shutdown()
         emit(EngineExited())

@@ -40,7 +40,7 @@ from pagedserve.backend.engine.request import Request, RequestOutputDelta
 
 if TYPE_CHECKING:
     from pagedserve.backend.config import EngineConfig
-    from pagedserve.backend.engine.request_builder import RequestBuilder
+    from pagedserve.backend.engine.request import RequestBuilder
 
 WIRE_VERSION = 1
 

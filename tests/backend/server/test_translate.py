@@ -13,7 +13,10 @@ import pytest
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.server import kserve_protocol as kp
-from pagedserve.backend.server.convert import prompt_input_from_proto, sampling_params_from_proto
+from pagedserve.backend.server.generation_service import (
+    prompt_input_from_proto,
+    sampling_params_from_proto,
+)
 from pagedserve.backend.server.kserve_convert import parse_infer_request
 from pagedserve.backend.server.translate import (
     SAMPLING_FIELDS,
