@@ -14,6 +14,9 @@ K, 1 is V). A token at position ``p`` of a sequence lives in slot
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +69,48 @@ class AttentionMetadata:
     @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What every attention layer of one step's forward reads besides its q, k and v."""
+
+    metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # one per layer, [2, num_blocks, block_size, kv_heads, head_dim]
+
+
+# A context variable, not a module global: two engines may run forwards on two threads of one
+# process, and each thread (or task) sees only the context it opened.
+_forward_context: ContextVar[ForwardContext | None] = ContextVar("forward_context", default=None)
+
+
+@contextmanager
+def forward_context(
+    metadata: AttentionMetadata, kv_caches: list[torch.Tensor]
+) -> Iterator[ForwardContext]:
+    """Run the model inside this to give its attention layers the step's metadata and caches.
+
+    CUDA graphs need it only while they capture: a replay reruns the captured kernels on the
+    static buffers the captured metadata points to.
+    """
+    context = ForwardContext(metadata, kv_caches)
+    token = _forward_context.set(context)
+    try:
+        yield context
+    finally:
+        _forward_context.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    """The context of the forward in progress on this thread; RuntimeError outside one."""
+    context = _forward_context.get()
+    if context is None:
+        raise RuntimeError(
+            "no forward context: run the model inside "
+            "forward_context(metadata, kv_caches), which gives its attention layers the "
+            "step's batch layout and KV caches"
+        )
+    return context
 
 
 class AttentionBackend(Protocol):
