@@ -6,6 +6,10 @@ that cuts that slice out of a full checkpoint tensor, so splitting a model over 
 sizes, not loading code. ``full_shapes(param)`` names the full checkpoint tensors a parameter is
 cut from (dummy weights are drawn at full size and sliced, so they do not depend on the split).
 
+``Attention`` reads its KV cache and the step's metadata from the forward context
+(``pagedserve.backend.runner.attention.forward_context``), so the model's forward threads
+neither through its layers.
+
 Device dispatch lives in one place per op: the kernels' dispatchers
 (``pagedserve.kernels.rmsnorm.rms_norm`` and friends pick Triton on CUDA, the torch reference
 elsewhere), and GEMMs in ``linear`` below. Layers call those, never a kernel variant directly.
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
 from pagedserve.kernels.triton_utils import use_triton
@@ -289,6 +294,44 @@ class RotaryEmbedding(nn.Module):
             cos, sin = rotary_ops.rotary_cos_sin(positions, self.cos_sin_cache, q.dtype)
             memo = self._memo = (positions, cos, sin)
         return rotary_ops.apply_rotary_cos_sin(q, k, memo[1], memo[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """One decoder layer's attention over its slice of the paged KV cache.
+
+    Holds what is fixed per layer (which cache is its own, this rank's head counts, the
+    scale, the backend) and reads what changes per step, the caches and the metadata, from
+    the forward context the runner opens around the model call.
+    """
+
+    def __init__(
+        self,
+        layer_index: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        step = get_forward_context()
+        kv_cache = step.kv_caches[self.layer_index]
+        out = self.backend.forward(q, k, v, kv_cache, step.metadata, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM) over the paged KV cache.
 
-The forward takes one flat step batch (prefill chunks and decode tokens mixed) and hands
-attention to an ``AttentionBackend``; transformers supplies the config only. Parameter names
-follow the Hugging Face checkpoints except where projections are fused (``qkv_proj``,
-``gate_up_proj``); ``load_weights`` maps the checkpoint names onto them.
+The forward takes one flat step batch (prefill chunks and decode tokens mixed) as token ids
+and positions; each layer's ``Attention`` finds its cache and the batch layout in the forward
+context and hands them to an ``AttentionBackend``. transformers supplies the config only.
+Parameter names follow the Hugging Face checkpoints except where projections are fused
+(``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps the checkpoint names onto them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.layers import (
+    Attention,
     LMHead,
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -25,7 +27,7 @@ from pagedserve.backend.models.layers import (
     VocabEmbedding,
     rope_parameters,
 )
-from pagedserve.backend.runner.attention import AttentionBackend, AttentionMetadata
+from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import activation as activation_ops
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -61,6 +63,7 @@ class LlamaAttention(nn.Module):
     def __init__(
         self,
         hf_config: Any,
+        layer_index: int,
         rotary_emb: RotaryEmbedding,
         attn_backend: AttentionBackend,
         dtype: torch.dtype,
@@ -88,20 +91,19 @@ class LlamaAttention(nn.Module):
             num_heads * head_dim, hf_config.hidden_size, o_bias, dtype, device, tp_rank, tp_size
         )
         self.rotary_emb = rotary_emb
-        self.attn_backend = attn_backend
-        self.scale = head_dim**-0.5
+        self.attn = Attention(
+            layer_index,
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            head_dim,
+            head_dim**-0.5,
+            attn_backend,
+        )
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
@@ -133,6 +135,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
         hf_config: Any,
+        layer_index: int,
         rotary_emb: RotaryEmbedding,
         attn_backend: AttentionBackend,
         dtype: torch.dtype,
@@ -143,24 +146,19 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         eps = hf_config.rms_norm_eps
         self.self_attn = LlamaAttention(
-            hf_config, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
+            hf_config, layer_index, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
         )
         self.mlp = LlamaMLP(hf_config, dtype, device, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, residual stream before it); the caller adds them
         inside the next norm, so every residual add fuses with a norm."""
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -186,24 +184,21 @@ class LlamaModel(nn.Module):
             device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size)
-            for _ in range(hf_config.num_hidden_layers)
+            LlamaDecoderLayer(
+                hf_config, i, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
+            )
+            for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype, device)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        if len(kv_caches) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} KV caches, got {len(kv_caches)}")
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        num_caches = len(get_forward_context().kv_caches)
+        if num_caches != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV caches, got {num_caches}")
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -240,20 +235,14 @@ class LlamaForCausalLM(nn.Module):
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
-        qkv = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.qkv_proj
+        attn = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.attn
         self.num_layers: int = hf_config.num_hidden_layers
-        self.num_kv_heads: int = qkv.num_kv_heads  # per rank: what this rank's cache holds
-        self.head_dim: int = qkv.head_dim
+        self.num_kv_heads: int = attn.num_kv_heads  # per rank: what this rank's cache holds
+        self.head_dim: int = attn.head_dim
         self.vocab_size: int = hf_config.vocab_size
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits on every rank (the split head all-gathers them)."""

@@ -10,6 +10,10 @@ chosen by device.
 KV cache layout, per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 is
 K, 1 is V). A token at position ``p`` of a sequence lives in slot
 ``block_table[p // block_size] * block_size + p % block_size``.
+
+The caches and the metadata reach the model's attention layers through the forward context
+(``forward_context``), not through the model's arguments: the runner opens it around each
+model call, and each ``Attention`` layer picks its own cache from it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from pagedserve.backend.runner.attention import AttentionMetadata
+from pagedserve.backend.runner.attention import AttentionMetadata, forward_context
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -71,13 +71,14 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so smaller ones reuse its pool
             metadata = self._metadata(size)
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, metadata)
-            for _ in range(2):  # warm up: compile kernels, settle allocations
-                self.model(*args)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(*args)
+            args = (self.input_ids[:size], self.positions[:size])
+            with forward_context(metadata, self.kv_caches):
+                for _ in range(2):  # warm up: compile kernels, settle allocations
+                    self.model(*args)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[size] = self.model(*args)
             self.graphs[size] = graph
         torch.cuda.synchronize()
 

@@ -28,7 +28,7 @@ from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError, ModelLoadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
-from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
+from pagedserve.backend.runner.attention import AttentionMetadata, forward_context, get_attention_backend
 from pagedserve.backend.runner.block_table import PersistentBlockTables
 from pagedserve.backend.runner.cuda_graph import DecodeGraphs
 from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
@@ -273,7 +273,8 @@ class ModelRunner:
         dev = self.device
         metadata = AttentionMetadata.single_prefill(n, bs, dev)
         ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        hidden = self.model(ids, torch.arange(n, device=dev), caches, metadata)
+        with forward_context(metadata, caches):
+            hidden = self.model(ids, torch.arange(n, device=dev))
         rows = min(sched.max_num_seqs, n)
         logits = self.model.compute_logits(hidden[:rows])
         logits.sort(dim=-1, descending=True)  # top-k/top-p filtering's largest temporary
@@ -468,7 +469,8 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
             hidden = self.decode_graphs.run(input_ids, positions_t, metadata)
         else:
-            hidden = self.model(input_ids, positions_t, self.kv_caches, metadata)
+            with forward_context(metadata, self.kv_caches):
+                hidden = self.model(input_ids, positions_t)
         if len(batch.sample_rows) == 0:
             return None
         return self.model.compute_logits(hidden[sample_rows])

@@ -13,7 +13,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from pagedserve.backend.models.llama import LlamaForCausalLM
-from pagedserve.backend.runner.attention import AttentionMetadata, TorchAttentionBackend
+from pagedserve.backend.runner.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    forward_context,
+)
 
 CPU = torch.device("cpu")
 TP_SIZE = 2
@@ -34,7 +38,8 @@ def _logits(model_dir: Path, tp_rank: int, tp_size: int) -> torch.Tensor:
     ]
     metadata = AttentionMetadata.single_prefill(n, block_size=n, device="cpu")
     with torch.no_grad():
-        hidden = model(torch.tensor(PROMPT), torch.arange(n), caches, metadata)
+        with forward_context(metadata, caches):
+            hidden = model(torch.tensor(PROMPT), torch.arange(n))
         return model.compute_logits(hidden)
 
 
