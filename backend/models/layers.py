@@ -6,7 +6,8 @@ that cuts that slice out of a full checkpoint tensor, so splitting a model over 
 sizes, not loading code. ``full_shapes(param)`` names the full checkpoint tensors a parameter is
 cut from (dummy weights are drawn at full size and sliced, so they do not depend on the split).
 
-``Attention`` reads its KV cache and the step's metadata from the forward context
+Layers take one ``LayerContext`` (dtype, device, split) rather than each of those
+positionally. ``Attention`` reads its KV cache and the step's metadata from the forward context
 (``pagedserve.backend.runner.attention.forward_context``), so the model's forward threads
 neither through its layers.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
@@ -104,11 +106,6 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _check_tp(tp_rank: int, tp_size: int) -> None:
-    if tp_size < 1 or not 0 <= tp_rank < tp_size:
-        raise ValueError(f"invalid tensor-parallel rank {tp_rank} of size {tp_size}")
-
-
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
     """Copy with an explicit shape check: a silent broadcast would hide a wrong checkpoint."""
     if tuple(param.shape) != tuple(loaded.shape):
@@ -130,10 +127,6 @@ def _shard(loaded: torch.Tensor, dim: int, full_size: int, start: int, size: int
     return loaded.narrow(dim, start, size)
 
 
-def _new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
 # Shard id -> shape of the full checkpoint tensor that shard is cut from.
 FullShapes = dict[Any, tuple[int, ...]]
 
@@ -142,13 +135,12 @@ class _VocabShard:
     """This rank's contiguous slice of the vocabulary: ``ceil(vocab / tp_size)`` rows per rank,
     the last rank's tail padded with zero rows (their logits are cut off after the gather)."""
 
-    def __init__(self, vocab_size: int, tp_rank: int, tp_size: int) -> None:
-        _check_tp(tp_rank, tp_size)
+    def __init__(self, vocab_size: int, ctx: LayerContext) -> None:
         self.vocab_size = vocab_size
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
-        self.num_local = -(-vocab_size // tp_size)
-        self.start = tp_rank * self.num_local
+        self.tp_rank = ctx.tp_rank
+        self.tp_size = ctx.tp_size
+        self.num_local = -(-vocab_size // self.tp_size)
+        self.start = self.tp_rank * self.num_local
         self.num_valid = max(0, min(vocab_size - self.start, self.num_local))
 
     def load(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -164,7 +156,11 @@ class _VocabShard:
 
 
 class _VocabParallel(nn.Module):
-    """A [vocab_size, hidden_size] matrix split over ranks by vocabulary rows (``self.shard``)."""
+    """A [vocab_size, hidden_size] matrix split over ranks by vocabulary rows (``self.shard``).
+
+    The embedding and the LM head take dtype, device and split as plain arguments rather than
+    a LayerContext: callers outside the model code build them on their own.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -197,10 +193,11 @@ class VocabEmbedding(_VocabParallel):
         tp_size: int = 1,
     ) -> None:
         super().__init__()
+        ctx = LayerContext(dtype, device, tp_rank, tp_size)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
-        self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
+        self.shard = _VocabShard(vocab_size, ctx)
+        self.weight = ctx.new_parameter((self.shard.num_local, hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.shard.tp_size == 1:
@@ -217,12 +214,10 @@ class VocabEmbedding(_VocabParallel):
 class RMSNorm(nn.Module):
     """RMSNorm that also takes the residual stream, so the add and the norm can fuse."""
 
-    def __init__(
-        self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, hidden_size: int, eps: float, ctx: LayerContext) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _new_param((hidden_size,), dtype, device)
+        self.weight = ctx.new_parameter((hidden_size,))
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
@@ -267,18 +262,14 @@ class RotaryEmbedding(nn.Module):
     """Rotary embedding with a precomputed fp32 cos/sin table for every position."""
 
     def __init__(
-        self,
-        head_dim: int,
-        max_position: int,
-        params: dict[str, Any],
-        device: torch.device,
+        self, head_dim: int, max_position: int, params: dict[str, Any], ctx: LayerContext
     ) -> None:
         super().__init__()
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise NotImplementedError("partial rotary embeddings are not supported")
         inv_freq = rotary_ops.rope_inv_freq(head_dim, float(params["rope_theta"]), params)
         cache = rotary_ops.cos_sin_cache(inv_freq, max_position)
-        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+        self.register_buffer("cos_sin_cache", cache.to(ctx.device), persistent=False)
         # The reference path's per-token cos/sin for the positions of the forward in progress:
         # every layer rotates at the same positions, so they are gathered once, not per layer.
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -339,45 +330,33 @@ class Attention(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class _ShardedLinear(nn.Module):
-    """A linear layer holding this rank's ``[out_local, in_local]`` slice of the weight."""
+class ShardedLinear(nn.Module):
+    """A linear layer holding this rank's ``[sum(output_sizes), input_size]`` slice of the
+    weight.
+
+    ``output_sizes`` are this rank's rows of each projection fused in the layer (one entry
+    unless fused), in the order they are stacked.
+    """
 
     def __init__(
-        self,
-        input_size_local: int,
-        output_size_local: int,
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
+        self, input_size: int, output_sizes: list[int], bias: bool, ctx: LayerContext
     ) -> None:
         super().__init__()
-        _check_tp(tp_rank, tp_size)
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
-        self.weight = _new_param((output_size_local, input_size_local), dtype, device)
-        self.bias = _new_param((output_size_local,), dtype, device) if bias else None
+        self.tp_rank = ctx.tp_rank
+        self.tp_size = ctx.tp_size
+        self.weight = ctx.new_parameter((sum(output_sizes), input_size))
+        self.bias = ctx.new_parameter((sum(output_sizes),)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
-class ColumnParallelLinear(_ShardedLinear):
+class ColumnParallelLinear(ShardedLinear):
     """y = x W^T + b with W split along its output rows: each rank computes a slice of y."""
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
-        local = _divide(output_size, tp_size, "output size")
-        super().__init__(input_size, local, bias, dtype, device, tp_rank, tp_size)
+    def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext) -> None:
+        local = _divide(output_size, ctx.tp_size, "output size")
+        super().__init__(input_size, [local], bias, ctx)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
@@ -393,7 +372,7 @@ class ColumnParallelLinear(_ShardedLinear):
         return {None: (param.shape[0] * self.tp_size, *param.shape[1:])}
 
 
-class MergedColumnParallelLinear(ColumnParallelLinear):
+class MergedColumnParallelLinear(ShardedLinear):
     """Several column-parallel projections of one input in one GEMM (gate and up).
 
     The local weight is ``[shard_0 | shard_1 | ...]``, each shard being this rank's slice of
@@ -401,18 +380,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self,
-        input_size: int,
-        output_sizes: list[int],
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        self, input_size: int, output_sizes: list[int], bias: bool, ctx: LayerContext
     ) -> None:
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, dtype, device, tp_rank, tp_size)
-        self.local_sizes = [_divide(s, tp_size, "output size") for s in self.output_sizes]
+        self.local_sizes = [_divide(s, ctx.tp_size, "output size") for s in self.output_sizes]
+        super().__init__(input_size, self.local_sizes, bias, ctx)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
@@ -430,7 +402,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         return {i: (full, *param.shape[1:]) for i, full in enumerate(self.output_sizes)}
 
 
-class QKVParallelLinear(_ShardedLinear):
+class QKVParallelLinear(ShardedLinear):
     """Fused q/k/v projection; the local weight is ``[q | k | v]`` for this rank's heads.
 
     Query heads are split over ranks. KV heads are split too when there are at least as many
@@ -445,11 +417,9 @@ class QKVParallelLinear(_ShardedLinear):
         num_heads: int,
         num_kv_heads: int,
         bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        ctx: LayerContext,
     ) -> None:
+        tp_rank, tp_size = ctx.tp_rank, ctx.tp_size
         self.head_dim = head_dim
         self.total_num_heads = num_heads
         self.total_num_kv_heads = num_kv_heads
@@ -464,10 +434,9 @@ class QKVParallelLinear(_ShardedLinear):
                 )
             self.num_kv_heads = 1
             self.kv_head_start = tp_rank // (tp_size // num_kv_heads)
-        local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        super().__init__(hidden_size, local_out, bias, dtype, device, tp_rank, tp_size)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        super().__init__(hidden_size, [self.q_size, self.kv_size, self.kv_size], bias, ctx)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
@@ -503,7 +472,7 @@ class QKVParallelLinear(_ShardedLinear):
         )
 
 
-class RowParallelLinear(_ShardedLinear):
+class RowParallelLinear(ShardedLinear):
     """y = x W^T + b with W split along its input columns; partial sums are all-reduced.
 
     The input is expected already split (the output of a column-parallel layer). The bias is
@@ -515,14 +484,11 @@ class RowParallelLinear(_ShardedLinear):
         input_size: int,
         output_size: int,
         bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        ctx: LayerContext,
         reduce_results: bool = True,
     ) -> None:
-        local = _divide(input_size, tp_size, "input size")
-        super().__init__(local, output_size, bias, dtype, device, tp_rank, tp_size)
+        local = _divide(input_size, ctx.tp_size, "input size")
+        super().__init__(local, [output_size], bias, ctx)
         self.reduce_results = reduce_results
 
     def weight_loader(
@@ -567,16 +533,17 @@ class LMHead(_VocabParallel):
         tp_size: int = 1,
     ) -> None:
         super().__init__()
+        ctx = LayerContext(dtype, device, tp_rank, tp_size)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
+        self.shard = _VocabShard(vocab_size, ctx)
         self.tied = tied_embedding is not None
         if tied_embedding is not None:
             if tied_embedding.shard.tp_size != tp_size or tied_embedding.shard.tp_rank != tp_rank:
                 raise ValueError("a tied LM head must be split like its embedding")
             self.weight = tied_embedding.weight
         else:
-            self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
+            self.weight = ctx.new_parameter((self.shard.num_local, hidden_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, None)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import (
     Attention,
     LMHead,
@@ -66,10 +67,7 @@ class LlamaAttention(nn.Module):
         layer_index: int,
         rotary_emb: RotaryEmbedding,
         attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
+        ctx: LayerContext,
     ) -> None:
         super().__init__()
         head_dim = head_dim_of(hf_config)
@@ -77,19 +75,9 @@ class LlamaAttention(nn.Module):
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         qkv_bias, o_bias = _attention_biases(hf_config)
         self.qkv_proj = QKVParallelLinear(
-            hf_config.hidden_size,
-            head_dim,
-            num_heads,
-            num_kv_heads,
-            qkv_bias,
-            dtype,
-            device,
-            tp_rank,
-            tp_size,
+            hf_config.hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, ctx
         )
-        self.o_proj = RowParallelLinear(
-            num_heads * head_dim, hf_config.hidden_size, o_bias, dtype, device, tp_rank, tp_size
-        )
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hf_config.hidden_size, o_bias, ctx)
         self.rotary_emb = rotary_emb
         self.attn = Attention(
             layer_index,
@@ -107,25 +95,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(
-        self,
-        hf_config: Any,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, hf_config: Any, ctx: LayerContext) -> None:
         super().__init__()
         if hf_config.hidden_act != "silu":
             raise ModelLoadError(f"activation {hf_config.hidden_act!r} is not supported (silu)")
         bias = bool(getattr(hf_config, "mlp_bias", False))
         inter = hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            hf_config.hidden_size, [inter, inter], bias, dtype, device, tp_rank, tp_size
+            hf_config.hidden_size, [inter, inter], bias, ctx
         )
-        self.down_proj = RowParallelLinear(
-            inter, hf_config.hidden_size, bias, dtype, device, tp_rank, tp_size
-        )
+        self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(activation_ops.silu_and_mul(self.gate_up_proj(x)))
@@ -138,19 +117,14 @@ class LlamaDecoderLayer(nn.Module):
         layer_index: int,
         rotary_emb: RotaryEmbedding,
         attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
+        ctx: LayerContext,
     ) -> None:
         super().__init__()
         eps = hf_config.rms_norm_eps
-        self.self_attn = LlamaAttention(
-            hf_config, layer_index, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
-        )
-        self.mlp = LlamaMLP(hf_config, dtype, device, tp_rank, tp_size)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
+        self.self_attn = LlamaAttention(hf_config, layer_index, rotary_emb, attn_backend, ctx)
+        self.mlp = LlamaMLP(hf_config, ctx)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -164,32 +138,27 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self,
-        hf_config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
-            hf_config.vocab_size, hf_config.hidden_size, dtype, device, tp_rank, tp_size
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            ctx.dtype,
+            ctx.device,
+            ctx.tp_rank,
+            ctx.tp_size,
         )
         rotary_emb = RotaryEmbedding(
             head_dim_of(hf_config),
             hf_config.max_position_embeddings,
             rope_parameters(hf_config),
-            device,
+            ctx,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(
-                hf_config, i, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
-            )
+            LlamaDecoderLayer(hf_config, i, rotary_emb, attn_backend, ctx)
             for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         num_caches = len(get_forward_context().kv_caches)
@@ -207,16 +176,7 @@ class LlamaForCausalLM(nn.Module):
     """The runner's model: ``forward`` gives final hidden states, ``compute_logits`` fp32
     logits for the rows the sampler needs (so the vocab projection skips prompt tokens)."""
 
-    def __init__(
-        self,
-        hf_config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        *,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
+    def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(
@@ -224,16 +184,16 @@ class LlamaForCausalLM(nn.Module):
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         self.config = hf_config
-        self.model = LlamaModel(hf_config, attn_backend, dtype, device, tp_rank, tp_size)
+        self.model = LlamaModel(hf_config, attn_backend, ctx)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = LMHead(
             hf_config.vocab_size,
             hf_config.hidden_size,
-            dtype,
-            device,
+            ctx.dtype,
+            ctx.device,
             tied_embedding=self.model.embed_tokens if self.tie_word_embeddings else None,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp_size,
         )
         attn = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.attn
         self.num_layers: int = hf_config.num_hidden_layers

@@ -27,6 +27,7 @@ from transformers import (
 from pagedserve.backend.config import DEFAULT_MODEL_NAME, ModelConfig
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.default_model import default_model_dir
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import RMSNorm
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.runner.attention import AttentionBackend
@@ -89,9 +90,8 @@ def load_model(
     max_model_len = _max_model_len(hf_config, model_config.max_model_len)
 
     try:
-        model = LlamaForCausalLM(
-            hf_config, attn_backend, dtype, device, tp_rank=tp_rank, tp_size=tp_size
-        )
+        ctx = LayerContext(dtype, device, tp_rank, tp_size)
+        model = LlamaForCausalLM(hf_config, attn_backend, ctx)
     except NotImplementedError as exc:  # e.g. a RoPE scaling type we do not implement
         raise ModelLoadError(f"unsupported model configuration: {exc}") from exc
     except ValueError as exc:  # e.g. heads not divisible by the tensor-parallel size
