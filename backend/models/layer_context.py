@@ -1,14 +1,18 @@
-"""What every layer of one model shares: dtype, device and its tensor-parallel slot.
-One frozen value passed to each constructor, so a new setting reaches every layer without
-touching their argument lists, and the tensor-parallel rank and size are validated once, here.
+"""What every layer of one model shares: dtype, device, its tensor-parallel slot and the
+linear method. One frozen value passed to each constructor, so a new setting (the linear
+method was the first) reaches every layer without touching their argument lists, and the
+tensor-parallel rank and size are validated once, here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from pagedserve.backend.quantization.base import LinearMethod
+from pagedserve.backend.quantization.unquantized import UnquantizedLinearMethod
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,7 @@ class LayerContext:
     device: torch.device
     tp_rank: int = 0
     tp_size: int = 1
+    linear_method: LinearMethod = field(default_factory=UnquantizedLinearMethod)
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:

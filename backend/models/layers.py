@@ -6,14 +6,16 @@ that cuts that slice out of a full checkpoint tensor, so splitting a model over 
 sizes, not loading code. ``full_shapes(param)`` names the full checkpoint tensors a parameter is
 cut from (dummy weights are drawn at full size and sliced, so they do not depend on the split).
 
-Layers take one ``LayerContext`` (dtype, device, split) rather than each of those
-positionally. ``Attention`` reads its KV cache and the step's metadata from the forward context
+Layers take one ``LayerContext`` (dtype, device, split, linear method) rather than each of
+those positionally. A linear layer's weight and GEMM belong to the context's linear method
+(``pagedserve.backend.quantization``); the layer keeps the sharding, the bias and the
+all-reduce. ``Attention`` reads its KV cache and the step's metadata from the forward context
 (``pagedserve.backend.runner.attention.forward_context``), so the model's forward threads
 neither through its layers.
 
 Device dispatch lives in one place per op: the kernels' dispatchers
 (``pagedserve.kernels.rmsnorm.rms_norm`` and friends pick Triton on CUDA, the torch reference
-elsewhere), and GEMMs in ``linear`` below. Layers call those, never a kernel variant directly.
+elsewhere), and GEMMs in the linear method. Layers call those, never a kernel variant directly.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pagedserve.backend.models.layer_context import LayerContext
+from pagedserve.backend.quantization.unquantized import forget_packed, linear
 from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
@@ -35,64 +37,6 @@ from pagedserve.kernels.triton_utils import use_triton
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise"
-)
-
-
-class _OneDNNWeights:
-    """oneDNN-packed copies of CPU fp32 weights, made on a weight's first GEMM.
-
-    ``F.linear`` on CPU fp32 runs MKL's sgemm, which on non-Intel x86 takes a far slower code
-    path than oneDNN's own AVX-512 GEMM; a weight reordered once into oneDNN's blocked layout
-    also spares the per-call reorder. Same fp32 math, only the summation order differs. The
-    copy costs the weights' size again in host memory (the plain parameter stays: loaders,
-    the tied embedding and tensor-parallel slicing use it). Every weight loader drops the copy
-    of the parameter it writes, so a reload is never served stale; copies die with their
-    parameters.
-    """
-
-    # The GEMM row count the blocked layout is chosen for; any row count runs on it.
-    BATCH_HINT = 32
-
-    def __init__(self) -> None:
-        self._packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    @staticmethod
-    def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            _HAS_ONEDNN_LINEAR
-            and x.device.type == "cpu"
-            and weight.device.type == "cpu"
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and weight.dim() == 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        )
-
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        packed = self._packed.get(weight)
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_HINT)
-            self._packed[weight] = packed
-        return packed
-
-    def forget(self, weight: torch.Tensor) -> None:
-        self._packed.pop(weight, None)
-
-
-_onednn_weights = _OneDNNWeights()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias: the one GEMM call site of the model layers (oneDNN on CPU fp32)."""
-    if _OneDNNWeights.applies(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, _onednn_weights.get(weight), bias, "none", [], ""
-        )
-    return F.linear(x, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +103,8 @@ class _VocabParallel(nn.Module):
     """A [vocab_size, hidden_size] matrix split over ranks by vocabulary rows (``self.shard``).
 
     The embedding and the LM head take dtype, device and split as plain arguments rather than
-    a LayerContext: callers outside the model code build them on their own.
+    a LayerContext: neither has a linear method to choose (the head stays in the model dtype
+    in every format), and callers outside the model code build them on their own.
     """
 
     vocab_size: int
@@ -169,7 +114,7 @@ class _VocabParallel(nn.Module):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)  # the LM head's GEMM may have packed it (tied or not)
         self.shard.load(param, loaded_weight)
 
     def full_shapes(self, param: nn.Parameter) -> FullShapes:
@@ -332,7 +277,7 @@ class Attention(nn.Module):
 
 class ShardedLinear(nn.Module):
     """A linear layer holding this rank's ``[sum(output_sizes), input_size]`` slice of the
-    weight.
+    weight, created and multiplied by the context's linear method.
 
     ``output_sizes`` are this rank's rows of each projection fused in the layer (one entry
     unless fused), in the order they are stacked.
@@ -344,11 +289,12 @@ class ShardedLinear(nn.Module):
         super().__init__()
         self.tp_rank = ctx.tp_rank
         self.tp_size = ctx.tp_size
-        self.weight = ctx.new_parameter((sum(output_sizes), input_size))
+        self.linear_method = ctx.linear_method
+        self.linear_method.create_weights(self, input_size, output_sizes, ctx)
         self.bias = ctx.new_parameter((sum(output_sizes),)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.linear_method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(ShardedLinear):
@@ -361,7 +307,7 @@ class ColumnParallelLinear(ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
         size = param.shape[0]
@@ -389,7 +335,7 @@ class MergedColumnParallelLinear(ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.local_sizes):
             raise ValueError(f"shard id must be 0..{len(self.local_sizes) - 1}, got {shard_id!r}")
         size = self.local_sizes[shard_id]
@@ -441,7 +387,7 @@ class QKVParallelLinear(ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         kv_start = self.kv_head_start * self.head_dim
         kv_full = self.total_num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -494,7 +440,7 @@ class RowParallelLinear(ShardedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
         if param.dim() == 2:
@@ -509,7 +455,7 @@ class RowParallelLinear(ShardedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = linear(x, self.weight, bias)
+        out = self.linear_method.apply(self, x, bias)
         if self.tp_size > 1 and self.reduce_results:
             dist.all_reduce(out)
         return out
@@ -519,7 +465,8 @@ class LMHead(_VocabParallel):
     """Hidden states to fp32 logits; shares the embedding matrix when the model ties them.
 
     Split over ranks by vocabulary rows like the embedding: each rank computes the logits of
-    its slice and an all-gather gives every rank the full ``[rows, vocab_size]`` logits.
+    its slice and an all-gather gives every rank the full ``[rows, vocab_size]`` logits. Its
+    GEMM is the plain one whatever the linear method: the head stays in the model dtype.
     """
 
     def __init__(

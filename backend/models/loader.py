@@ -28,7 +28,7 @@ from pagedserve.backend.config import DEFAULT_MODEL_NAME, ModelConfig
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.default_model import default_model_dir
 from pagedserve.backend.models.layer_context import LayerContext
-from pagedserve.backend.models.layers import RMSNorm
+from pagedserve.backend.models.layers import RMSNorm, ShardedLinear
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.runner.attention import AttentionBackend
 
@@ -101,6 +101,9 @@ def load_model(
     else:
         assert model_dir is not None
         model.load_weights(_iter_checkpoint(model_dir, model_config.load_format))
+    for module in model.modules():
+        if isinstance(module, ShardedLinear):
+            module.linear_method.process_weights_after_loading(module)
     model.eval()
 
     tokenizer_dir = model_dir if model_dir and _has_tokenizer(model_dir) else None

@@ -1,4 +1,5 @@
-"""The model's GEMM call site on CPU: oneDNN with packed weights against ``F.linear``."""
+"""The unquantized linear method's GEMM on CPU: oneDNN with packed weights against
+``F.linear``, and packed copies that follow weight reloads through the layers."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.backend.models import layers
 from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import (
     ColumnParallelLinear,
     LMHead,
     RowParallelLinear,
     VocabEmbedding,
-    linear,
 )
+from pagedserve.backend.quantization import unquantized
+from pagedserve.backend.quantization.unquantized import linear
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -26,7 +27,7 @@ CTX = LayerContext(F32, CPU)
 REL_TOL = 5e-6
 
 pytestmark = pytest.mark.skipif(
-    not layers._HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear"
+    not unquantized._HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear"
 )
 
 
@@ -104,7 +105,7 @@ def test_tied_head_follows_embedding_reload(gen: torch.Generator) -> None:
 
 
 def test_packed_copies_die_with_their_layers(gen: torch.Generator) -> None:
-    packed = layers._onednn_weights._packed
+    packed = unquantized._onednn_weights._packed
     before = len(packed)
     layer = ColumnParallelLinear(8, 16, False, CTX)
     layer.weight_loader(layer.weight, torch.randn(16, 8, generator=gen))
