@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import (
     Attention,
@@ -30,8 +31,6 @@ from pagedserve.backend.models.layers import (
 )
 from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import activation as activation_ops
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Checkpoint projection name -> (fused parameter name, shard id).
 _STACKED_PARAMS: dict[str, tuple[str, str | int]] = {
@@ -172,17 +171,16 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """The runner's model: ``forward`` gives final hidden states, ``compute_logits`` fp32
-    logits for the rows the sampler needs (so the vocab projection skips prompt tokens)."""
+    logits for the rows the sampler needs (so the vocab projection skips prompt tokens).
+
+    One class serves every registered Llama-shaped architecture (Llama, Mistral, Qwen2); the
+    few differences (Qwen2's biases) are read from the config's ``model_type``.
+    """
 
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
-        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"model type {hf_config.model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
         self.config = hf_config
         self.model = LlamaModel(hf_config, attn_backend, ctx)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -196,10 +194,10 @@ class LlamaForCausalLM(nn.Module):
             tp_size=ctx.tp_size,
         )
         attn = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.attn
-        self.num_layers: int = hf_config.num_hidden_layers
-        self.num_kv_heads: int = attn.num_kv_heads  # per rank: what this rank's cache holds
-        self.head_dim: int = attn.head_dim
-        self.vocab_size: int = hf_config.vocab_size
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads = attn.num_kv_heads  # per rank: what this rank's cache holds
+        self.head_dim = attn.head_dim
+        self.vocab_size = hf_config.vocab_size
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

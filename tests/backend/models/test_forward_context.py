@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagedserve.backend.config import ModelConfig
-from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.loader import load_model
 from pagedserve.backend.runner.attention import (
     AttentionMetadata,
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 BARRIER_TIMEOUT_S = 120.0
 
 
-def _step(model: LlamaForCausalLM, n: int) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+def _step(model: CausalLM, n: int) -> tuple[AttentionMetadata, list[torch.Tensor]]:
     """One prefill of n tokens into a single-block cache per layer."""
     caches = [
         torch.zeros(2, 1, n, model.num_kv_heads, model.head_dim) for _ in range(model.num_layers)
@@ -35,7 +35,7 @@ def _step(model: LlamaForCausalLM, n: int) -> tuple[AttentionMetadata, list[torc
     return AttentionMetadata.single_prefill(n, block_size=n, device="cpu"), caches
 
 
-def _load(model_dir: Path) -> LlamaForCausalLM:
+def _load(model_dir: Path) -> CausalLM:
     config = ModelConfig(model=str(model_dir))
     return load_model(config, CPU, torch.float32, TorchAttentionBackend()).model
 
