@@ -6,9 +6,16 @@ that cuts that slice out of a full checkpoint tensor, so splitting a model over 
 sizes, not loading code. ``full_shapes(param)`` names the full checkpoint tensors a parameter is
 cut from (dummy weights are drawn at full size and sliced, so they do not depend on the split).
 
+Layers take one ``LayerContext`` (dtype, device, split, linear method) rather than each of
+those positionally. A linear layer's weight and GEMM belong to the context's linear method
+(``pagedserve.backend.quantization``); the layer keeps the sharding, the bias and the
+all-reduce. ``Attention`` reads its KV cache and the step's metadata from the forward context
+(``pagedserve.backend.runner.attention.forward_context``), so the model's forward threads
+neither through its layers.
+
 Device dispatch lives in one place per op: the kernels' dispatchers
 (``pagedserve.kernels.rmsnorm.rms_norm`` and friends pick Triton on CUDA, the torch reference
-elsewhere), and GEMMs in ``linear`` below. Layers call those, never a kernel variant directly.
+elsewhere), and GEMMs in the linear method. Layers call those, never a kernel variant directly.
 """
 
 from __future__ import annotations
@@ -19,72 +26,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
+from pagedserve.backend.models.layer_context import LayerContext
+from pagedserve.backend.quantization.unquantized import forget_packed, linear
+from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import rmsnorm as rmsnorm_ops
 from pagedserve.kernels import rotary as rotary_ops
 from pagedserve.kernels.triton_utils import use_triton
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise"
-)
-
-
-class _OneDNNWeights:
-    """oneDNN-packed copies of CPU fp32 weights, made on a weight's first GEMM.
-
-    ``F.linear`` on CPU fp32 runs MKL's sgemm, which on non-Intel x86 takes a far slower code
-    path than oneDNN's own AVX-512 GEMM; a weight reordered once into oneDNN's blocked layout
-    also spares the per-call reorder. Same fp32 math, only the summation order differs. The
-    copy costs the weights' size again in host memory (the plain parameter stays: loaders,
-    the tied embedding and tensor-parallel slicing use it). Every weight loader drops the copy
-    of the parameter it writes, so a reload is never served stale; copies die with their
-    parameters.
-    """
-
-    # The GEMM row count the blocked layout is chosen for; any row count runs on it.
-    BATCH_HINT = 32
-
-    def __init__(self) -> None:
-        self._packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    @staticmethod
-    def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            _HAS_ONEDNN_LINEAR
-            and x.device.type == "cpu"
-            and weight.device.type == "cpu"
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and weight.dim() == 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        )
-
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        packed = self._packed.get(weight)
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_HINT)
-            self._packed[weight] = packed
-        return packed
-
-    def forget(self, weight: torch.Tensor) -> None:
-        self._packed.pop(weight, None)
-
-
-_onednn_weights = _OneDNNWeights()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias: the one GEMM call site of the model layers (oneDNN on CPU fp32)."""
-    if _OneDNNWeights.applies(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, _onednn_weights.get(weight), bias, "none", [], ""
-        )
-    return F.linear(x, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,11 +47,6 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
         raise ValueError(f"{what} ({numerator}) is not divisible by tp_size ({denominator})")
     return numerator // denominator
-
-
-def _check_tp(tp_rank: int, tp_size: int) -> None:
-    if tp_size < 1 or not 0 <= tp_rank < tp_size:
-        raise ValueError(f"invalid tensor-parallel rank {tp_rank} of size {tp_size}")
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -124,10 +70,6 @@ def _shard(loaded: torch.Tensor, dim: int, full_size: int, start: int, size: int
     return loaded.narrow(dim, start, size)
 
 
-def _new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
 # Shard id -> shape of the full checkpoint tensor that shard is cut from.
 FullShapes = dict[Any, tuple[int, ...]]
 
@@ -136,13 +78,12 @@ class _VocabShard:
     """This rank's contiguous slice of the vocabulary: ``ceil(vocab / tp_size)`` rows per rank,
     the last rank's tail padded with zero rows (their logits are cut off after the gather)."""
 
-    def __init__(self, vocab_size: int, tp_rank: int, tp_size: int) -> None:
-        _check_tp(tp_rank, tp_size)
+    def __init__(self, vocab_size: int, ctx: LayerContext) -> None:
         self.vocab_size = vocab_size
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
-        self.num_local = -(-vocab_size // tp_size)
-        self.start = tp_rank * self.num_local
+        self.tp_rank = ctx.tp_rank
+        self.tp_size = ctx.tp_size
+        self.num_local = -(-vocab_size // self.tp_size)
+        self.start = self.tp_rank * self.num_local
         self.num_valid = max(0, min(vocab_size - self.start, self.num_local))
 
     def load(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -158,7 +99,12 @@ class _VocabShard:
 
 
 class _VocabParallel(nn.Module):
-    """A [vocab_size, hidden_size] matrix split over ranks by vocabulary rows (``self.shard``)."""
+    """A [vocab_size, hidden_size] matrix split over ranks by vocabulary rows (``self.shard``).
+
+    The embedding and the LM head take dtype, device and split as plain arguments rather than
+    a LayerContext: neither has a linear method to choose (the head stays in the model dtype
+    in every format), and callers outside the model code build them on their own.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -167,7 +113,7 @@ class _VocabParallel(nn.Module):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)  # the LM head's GEMM may have packed it (tied or not)
         self.shard.load(param, loaded_weight)
 
     def full_shapes(self, param: nn.Parameter) -> FullShapes:
@@ -191,10 +137,11 @@ class VocabEmbedding(_VocabParallel):
         tp_size: int = 1,
     ) -> None:
         super().__init__()
+        ctx = LayerContext(dtype, device, tp_rank, tp_size)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
-        self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
+        self.shard = _VocabShard(vocab_size, ctx)
+        self.weight = ctx.new_parameter((self.shard.num_local, hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.shard.tp_size == 1:
@@ -211,12 +158,10 @@ class VocabEmbedding(_VocabParallel):
 class RMSNorm(nn.Module):
     """RMSNorm that also takes the residual stream, so the add and the norm can fuse."""
 
-    def __init__(
-        self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, hidden_size: int, eps: float, ctx: LayerContext) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _new_param((hidden_size,), dtype, device)
+        self.weight = ctx.new_parameter((hidden_size,))
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
@@ -261,18 +206,14 @@ class RotaryEmbedding(nn.Module):
     """Rotary embedding with a precomputed fp32 cos/sin table for every position."""
 
     def __init__(
-        self,
-        head_dim: int,
-        max_position: int,
-        params: dict[str, Any],
-        device: torch.device,
+        self, head_dim: int, max_position: int, params: dict[str, Any], ctx: LayerContext
     ) -> None:
         super().__init__()
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise NotImplementedError("partial rotary embeddings are not supported")
         inv_freq = rotary_ops.rope_inv_freq(head_dim, float(params["rope_theta"]), params)
         cache = rotary_ops.cos_sin_cache(inv_freq, max_position)
-        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+        self.register_buffer("cos_sin_cache", cache.to(ctx.device), persistent=False)
         # The reference path's per-token cos/sin for the positions of the forward in progress:
         # every layer rotates at the same positions, so they are gathered once, not per layer.
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -291,54 +232,81 @@ class RotaryEmbedding(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """One decoder layer's attention over its slice of the paged KV cache.
+
+    Holds what is fixed per layer (which cache is its own, this rank's head counts, the
+    scale, the backend) and reads what changes per step, the caches and the metadata, from
+    the forward context the runner opens around the model call.
+    """
+
+    def __init__(
+        self,
+        layer_index: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        step = get_forward_context()
+        kv_cache = step.kv_caches[self.layer_index]
+        out = self.backend.forward(q, k, v, kv_cache, step.metadata, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+
+# --------------------------------------------------------------------------------------------
 # Linear layers
 # --------------------------------------------------------------------------------------------
 
 
-class _ShardedLinear(nn.Module):
-    """A linear layer holding this rank's ``[out_local, in_local]`` slice of the weight."""
+class ShardedLinear(nn.Module):
+    """A linear layer holding this rank's ``[sum(output_sizes), input_size]`` slice of the
+    weight, created and multiplied by the context's linear method.
+
+    ``output_sizes`` are this rank's rows of each projection fused in the layer (one entry
+    unless fused), in the order they are stacked.
+    """
 
     def __init__(
-        self,
-        input_size_local: int,
-        output_size_local: int,
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
+        self, input_size: int, output_sizes: list[int], bias: bool, ctx: LayerContext
     ) -> None:
         super().__init__()
-        _check_tp(tp_rank, tp_size)
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
-        self.weight = _new_param((output_size_local, input_size_local), dtype, device)
-        self.bias = _new_param((output_size_local,), dtype, device) if bias else None
+        self.tp_rank = ctx.tp_rank
+        self.tp_size = ctx.tp_size
+        self.linear_method = ctx.linear_method
+        self.linear_method.create_weights(self, input_size, output_sizes, ctx)
+        self.bias = ctx.new_parameter((sum(output_sizes),)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.linear_method.apply(self, x, self.bias)
 
 
-class ColumnParallelLinear(_ShardedLinear):
+class ColumnParallelLinear(ShardedLinear):
     """y = x W^T + b with W split along its output rows: each rank computes a slice of y."""
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
-        local = _divide(output_size, tp_size, "output size")
-        super().__init__(input_size, local, bias, dtype, device, tp_rank, tp_size)
+    def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext) -> None:
+        local = _divide(output_size, ctx.tp_size, "output size")
+        super().__init__(input_size, [local], bias, ctx)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
         size = param.shape[0]
@@ -349,7 +317,7 @@ class ColumnParallelLinear(_ShardedLinear):
         return {None: (param.shape[0] * self.tp_size, *param.shape[1:])}
 
 
-class MergedColumnParallelLinear(ColumnParallelLinear):
+class MergedColumnParallelLinear(ShardedLinear):
     """Several column-parallel projections of one input in one GEMM (gate and up).
 
     The local weight is ``[shard_0 | shard_1 | ...]``, each shard being this rank's slice of
@@ -357,23 +325,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self,
-        input_size: int,
-        output_sizes: list[int],
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        self, input_size: int, output_sizes: list[int], bias: bool, ctx: LayerContext
     ) -> None:
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, dtype, device, tp_rank, tp_size)
-        self.local_sizes = [_divide(s, tp_size, "output size") for s in self.output_sizes]
+        self.local_sizes = [_divide(s, ctx.tp_size, "output size") for s in self.output_sizes]
+        super().__init__(input_size, self.local_sizes, bias, ctx)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.local_sizes):
             raise ValueError(f"shard id must be 0..{len(self.local_sizes) - 1}, got {shard_id!r}")
         size = self.local_sizes[shard_id]
@@ -386,7 +347,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         return {i: (full, *param.shape[1:]) for i, full in enumerate(self.output_sizes)}
 
 
-class QKVParallelLinear(_ShardedLinear):
+class QKVParallelLinear(ShardedLinear):
     """Fused q/k/v projection; the local weight is ``[q | k | v]`` for this rank's heads.
 
     Query heads are split over ranks. KV heads are split too when there are at least as many
@@ -401,11 +362,9 @@ class QKVParallelLinear(_ShardedLinear):
         num_heads: int,
         num_kv_heads: int,
         bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        ctx: LayerContext,
     ) -> None:
+        tp_rank, tp_size = ctx.tp_rank, ctx.tp_size
         self.head_dim = head_dim
         self.total_num_heads = num_heads
         self.total_num_kv_heads = num_kv_heads
@@ -420,15 +379,14 @@ class QKVParallelLinear(_ShardedLinear):
                 )
             self.num_kv_heads = 1
             self.kv_head_start = tp_rank // (tp_size // num_kv_heads)
-        local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        super().__init__(hidden_size, local_out, bias, dtype, device, tp_rank, tp_size)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        super().__init__(hidden_size, [self.q_size, self.kv_size, self.kv_size], bias, ctx)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         kv_start = self.kv_head_start * self.head_dim
         kv_full = self.total_num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -459,7 +417,7 @@ class QKVParallelLinear(_ShardedLinear):
         )
 
 
-class RowParallelLinear(_ShardedLinear):
+class RowParallelLinear(ShardedLinear):
     """y = x W^T + b with W split along its input columns; partial sums are all-reduced.
 
     The input is expected already split (the output of a column-parallel layer). The bias is
@@ -471,20 +429,17 @@ class RowParallelLinear(_ShardedLinear):
         input_size: int,
         output_size: int,
         bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        ctx: LayerContext,
         reduce_results: bool = True,
     ) -> None:
-        local = _divide(input_size, tp_size, "input size")
-        super().__init__(local, output_size, bias, dtype, device, tp_rank, tp_size)
+        local = _divide(input_size, ctx.tp_size, "input size")
+        super().__init__(local, [output_size], bias, ctx)
         self.reduce_results = reduce_results
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        _onednn_weights.forget(param)
+        forget_packed(param)
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard id, got {shard_id!r}")
         if param.dim() == 2:
@@ -499,7 +454,7 @@ class RowParallelLinear(_ShardedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = linear(x, self.weight, bias)
+        out = self.linear_method.apply(self, x, bias)
         if self.tp_size > 1 and self.reduce_results:
             dist.all_reduce(out)
         return out
@@ -509,7 +464,8 @@ class LMHead(_VocabParallel):
     """Hidden states to fp32 logits; shares the embedding matrix when the model ties them.
 
     Split over ranks by vocabulary rows like the embedding: each rank computes the logits of
-    its slice and an all-gather gives every rank the full ``[rows, vocab_size]`` logits.
+    its slice and an all-gather gives every rank the full ``[rows, vocab_size]`` logits. Its
+    GEMM is the plain one whatever the linear method: the head stays in the model dtype.
     """
 
     def __init__(
@@ -523,16 +479,17 @@ class LMHead(_VocabParallel):
         tp_size: int = 1,
     ) -> None:
         super().__init__()
+        ctx = LayerContext(dtype, device, tp_rank, tp_size)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.shard = _VocabShard(vocab_size, tp_rank, tp_size)
+        self.shard = _VocabShard(vocab_size, ctx)
         self.tied = tied_embedding is not None
         if tied_embedding is not None:
             if tied_embedding.shard.tp_size != tp_size or tied_embedding.shard.tp_rank != tp_rank:
                 raise ValueError("a tied LM head must be split like its embedding")
             self.weight = tied_embedding.weight
         else:
-            self.weight = _new_param((self.shard.num_local, hidden_size), dtype, device)
+            self.weight = ctx.new_parameter((self.shard.num_local, hidden_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, None)

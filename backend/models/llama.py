@@ -1,9 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM) over the paged KV cache.
 
-The forward takes one flat step batch (prefill chunks and decode tokens mixed) and hands
-attention to an ``AttentionBackend``; transformers supplies the config only. Parameter names
-follow the Hugging Face checkpoints except where projections are fused (``qkv_proj``,
-``gate_up_proj``); ``load_weights`` maps the checkpoint names onto them.
+The forward takes one flat step batch (prefill chunks and decode tokens mixed) as token ids
+and positions; each layer's ``Attention`` finds its cache and the batch layout in the forward
+context and hands them to an ``AttentionBackend``. transformers supplies the config only.
+Parameter names follow the Hugging Face checkpoints except where projections are fused
+(``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps the checkpoint names onto them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 from torch import nn
 
 from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.interface import CausalLM
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import (
+    Attention,
     LMHead,
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -25,10 +29,8 @@ from pagedserve.backend.models.layers import (
     VocabEmbedding,
     rope_parameters,
 )
-from pagedserve.backend.runner.attention import AttentionBackend, AttentionMetadata
+from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
 from pagedserve.kernels import activation as activation_ops
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Checkpoint projection name -> (fused parameter name, shard id).
 _STACKED_PARAMS: dict[str, tuple[str, str | int]] = {
@@ -61,12 +63,10 @@ class LlamaAttention(nn.Module):
     def __init__(
         self,
         hf_config: Any,
+        layer_index: int,
         rotary_emb: RotaryEmbedding,
         attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
+        ctx: LayerContext,
     ) -> None:
         super().__init__()
         head_dim = head_dim_of(hf_config)
@@ -74,56 +74,36 @@ class LlamaAttention(nn.Module):
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         qkv_bias, o_bias = _attention_biases(hf_config)
         self.qkv_proj = QKVParallelLinear(
-            hf_config.hidden_size,
-            head_dim,
-            num_heads,
-            num_kv_heads,
-            qkv_bias,
-            dtype,
-            device,
-            tp_rank,
-            tp_size,
+            hf_config.hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, ctx
         )
-        self.o_proj = RowParallelLinear(
-            num_heads * head_dim, hf_config.hidden_size, o_bias, dtype, device, tp_rank, tp_size
-        )
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hf_config.hidden_size, o_bias, ctx)
         self.rotary_emb = rotary_emb
-        self.attn_backend = attn_backend
-        self.scale = head_dim**-0.5
+        self.attn = Attention(
+            layer_index,
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            head_dim,
+            head_dim**-0.5,
+            attn_backend,
+        )
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(
-        self,
-        hf_config: Any,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, hf_config: Any, ctx: LayerContext) -> None:
         super().__init__()
         if hf_config.hidden_act != "silu":
             raise ModelLoadError(f"activation {hf_config.hidden_act!r} is not supported (silu)")
         bias = bool(getattr(hf_config, "mlp_bias", False))
         inter = hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            hf_config.hidden_size, [inter, inter], bias, dtype, device, tp_rank, tp_size
+            hf_config.hidden_size, [inter, inter], bias, ctx
         )
-        self.down_proj = RowParallelLinear(
-            inter, hf_config.hidden_size, bias, dtype, device, tp_rank, tp_size
-        )
+        self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(activation_ops.silu_and_mul(self.gate_up_proj(x)))
@@ -133,127 +113,94 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
         hf_config: Any,
+        layer_index: int,
         rotary_emb: RotaryEmbedding,
         attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
+        ctx: LayerContext,
     ) -> None:
         super().__init__()
         eps = hf_config.rms_norm_eps
-        self.self_attn = LlamaAttention(
-            hf_config, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size
-        )
-        self.mlp = LlamaMLP(hf_config, dtype, device, tp_rank, tp_size)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
+        self.self_attn = LlamaAttention(hf_config, layer_index, rotary_emb, attn_backend, ctx)
+        self.mlp = LlamaMLP(hf_config, ctx)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, residual stream before it); the caller adds them
         inside the next norm, so every residual add fuses with a norm."""
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self,
-        hf_config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int,
-        tp_size: int,
-    ) -> None:
+    def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
-            hf_config.vocab_size, hf_config.hidden_size, dtype, device, tp_rank, tp_size
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            ctx.dtype,
+            ctx.device,
+            ctx.tp_rank,
+            ctx.tp_size,
         )
         rotary_emb = RotaryEmbedding(
             head_dim_of(hf_config),
             hf_config.max_position_embeddings,
             rope_parameters(hf_config),
-            device,
+            ctx,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, rotary_emb, attn_backend, dtype, device, tp_rank, tp_size)
-            for _ in range(hf_config.num_hidden_layers)
+            LlamaDecoderLayer(hf_config, i, rotary_emb, attn_backend, ctx)
+            for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        if len(kv_caches) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} KV caches, got {len(kv_caches)}")
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        num_caches = len(get_forward_context().kv_caches)
+        if num_caches != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV caches, got {num_caches}")
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """The runner's model: ``forward`` gives final hidden states, ``compute_logits`` fp32
-    logits for the rows the sampler needs (so the vocab projection skips prompt tokens)."""
+    logits for the rows the sampler needs (so the vocab projection skips prompt tokens).
 
-    def __init__(
-        self,
-        hf_config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        device: torch.device,
-        *,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
+    One class serves every registered Llama-shaped architecture (Llama, Mistral, Qwen2); the
+    few differences (Qwen2's biases) are read from the config's ``model_type``.
+    """
+
+    def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
-        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"model type {hf_config.model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
         self.config = hf_config
-        self.model = LlamaModel(hf_config, attn_backend, dtype, device, tp_rank, tp_size)
+        self.model = LlamaModel(hf_config, attn_backend, ctx)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = LMHead(
             hf_config.vocab_size,
             hf_config.hidden_size,
-            dtype,
-            device,
+            ctx.dtype,
+            ctx.device,
             tied_embedding=self.model.embed_tokens if self.tie_word_embeddings else None,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp_size,
         )
-        qkv = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.qkv_proj
-        self.num_layers: int = hf_config.num_hidden_layers
-        self.num_kv_heads: int = qkv.num_kv_heads  # per rank: what this rank's cache holds
-        self.head_dim: int = qkv.head_dim
-        self.vocab_size: int = hf_config.vocab_size
+        attn = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.attn
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads = attn.num_kv_heads  # per rank: what this rank's cache holds
+        self.head_dim = attn.head_dim
+        self.vocab_size = hf_config.vocab_size
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits on every rank (the split head all-gathers them)."""

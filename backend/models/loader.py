@@ -27,8 +27,10 @@ from transformers import (
 from pagedserve.backend.config import DEFAULT_MODEL_NAME, ModelConfig
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.default_model import default_model_dir
-from pagedserve.backend.models.layers import RMSNorm
-from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.interface import CausalLM
+from pagedserve.backend.models.layer_context import LayerContext
+from pagedserve.backend.models.layers import RMSNorm, ShardedLinear
+from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import AttentionBackend
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     hf_config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: list[int]
@@ -74,8 +76,8 @@ def load_model(
     tp_rank: int = 0,
     tp_size: int = 1,
 ) -> LoadedModel:
-    """Builds rank ``tp_rank``'s shard of the model (of ``tp_size``) on ``device`` in ``dtype``
-    and fills it (checkpoint or dummy weights).
+    """Builds rank ``tp_rank``'s shard of the model (of ``tp_size``) on ``device`` in ``dtype``,
+    of the class the registry names for the config, and fills it (checkpoint or dummy weights).
 
     Every failure that a wrong path, file, config or split can cause surfaces as ModelLoadError.
     """
@@ -88,10 +90,10 @@ def load_model(
     hf_config = _load_config(model_dir, model_config.hf_overrides)
     max_model_len = _max_model_len(hf_config, model_config.max_model_len)
 
+    model_class = resolve_model_class(hf_config)
     try:
-        model = LlamaForCausalLM(
-            hf_config, attn_backend, dtype, device, tp_rank=tp_rank, tp_size=tp_size
-        )
+        ctx = LayerContext(dtype, device, tp_rank, tp_size)
+        model = model_class(hf_config, attn_backend, ctx)
     except NotImplementedError as exc:  # e.g. a RoPE scaling type we do not implement
         raise ModelLoadError(f"unsupported model configuration: {exc}") from exc
     except ValueError as exc:  # e.g. heads not divisible by the tensor-parallel size
@@ -101,6 +103,9 @@ def load_model(
     else:
         assert model_dir is not None
         model.load_weights(_iter_checkpoint(model_dir, model_config.load_format))
+    for module in model.modules():
+        if isinstance(module, ShardedLinear):
+            module.linear_method.process_weights_after_loading(module)
     model.eval()
 
     tokenizer_dir = model_dir if model_dir and _has_tokenizer(model_dir) else None
@@ -244,7 +249,7 @@ def _iter_checkpoint(model_dir: Path, load_format: str) -> Iterator[tuple[str, t
 
 
 @torch.no_grad()
-def _init_dummy_weights(model: LlamaForCausalLM, hf_config: PretrainedConfig, seed: int) -> None:
+def _init_dummy_weights(model: CausalLM, hf_config: PretrainedConfig, seed: int) -> None:
     """Random weights of the config's init scale, reproducible from ``seed``: norms start at
     one as in training, everything else normal(0, initializer_range).
 

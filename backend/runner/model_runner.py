@@ -28,7 +28,11 @@ from pagedserve.backend.engine.request import TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
-from pagedserve.backend.runner.attention import AttentionMetadata, get_attention_backend
+from pagedserve.backend.runner.attention import (
+    AttentionMetadata,
+    forward_context,
+    get_attention_backend,
+)
 from pagedserve.backend.runner.batch import (
     InFlightTokens,
     StepBatch,
@@ -213,7 +217,8 @@ class ModelRunner:
         dev = self.device
         metadata = AttentionMetadata.single_prefill(n, self.block_size, dev)
         ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        hidden = self.model(ids, torch.arange(n, device=dev), caches, metadata)
+        with forward_context(metadata, caches):
+            hidden = self.model(ids, torch.arange(n, device=dev))
         rows = min(sched.max_num_seqs, n)
         logits = self.model.compute_logits(hidden[:rows])
         logits.sort(dim=-1, descending=True)  # top-k/top-p filtering's largest temporary
@@ -224,7 +229,8 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         """The one call of the model's forward over the engine's KV cache."""
-        return self.model(input_ids, positions, self.kv_caches, metadata)
+        with forward_context(metadata, self.kv_caches):
+            return self.model(input_ids, positions)
 
     def _capture_decode_graphs(self) -> DecodeGraphs:
         from pagedserve.kernels.paged_attention import choose_num_kv_splits

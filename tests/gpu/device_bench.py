@@ -280,12 +280,12 @@ def op_mismatch(hf: Any, runner: Any, ids: list[int]) -> dict[str, float]:
     group = heads // kv_heads
     ref_attn = F.scaled_dot_product_attention(
         rq4, rk4.repeat_interleave(group, 1), v4.repeat_interleave(group, 1),
-        is_causal=True, scale=ours.self_attn.scale,
+        is_causal=True, scale=ours.self_attn.attn.scale,
     ).transpose(1, 2).reshape(n, -1)
     metadata = AttentionMetadata.single_prefill(n, runner.block_size, "cuda")
-    ours_attn = ours.self_attn.attn_backend.forward(
+    ours_attn = ours.self_attn.attn.backend.forward(
         rq4.transpose(1, 2)[0].contiguous(), rk4.transpose(1, 2)[0].contiguous(),
-        v.view(n, kv_heads, d), runner.kv_caches[0], metadata, ours.self_attn.scale,
+        v.view(n, kv_heads, d), runner.kv_caches[0], metadata, ours.self_attn.attn.scale,
     )
     out["attention"] = differ(ours_attn, ref_attn)
     out["fused_add_rms_norm"] = differ(
@@ -317,12 +317,12 @@ def trained_model(gguf: Path, work: Path) -> tuple[Any, Path, list[list[int]]]:
 
 def teacher_forced_logits(runner: Any, ids: list[int]) -> torch.Tensor:
     """Logits at every position of one prefill through our model and paged attention."""
-    from pagedserve.backend.runner.attention import AttentionMetadata
+    from pagedserve.backend.runner.attention import AttentionMetadata, forward_context
 
     n = len(ids)
     metadata = AttentionMetadata.single_prefill(n, runner.block_size, "cuda")
-    hidden = runner.model(torch.tensor(ids, device="cuda"), torch.arange(n, device="cuda"),
-                          runner.kv_caches, metadata)
+    with forward_context(metadata, runner.kv_caches):
+        hidden = runner.model(torch.tensor(ids, device="cuda"), torch.arange(n, device="cuda"))
     return runner.model.compute_logits(hidden)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pagedserve.backend.runner.attention import AttentionMetadata, TorchAttentionBackend
-from pagedserve.backend.runner.triton_attention import TritonAttentionBackend
+from pagedserve.backend.runner.attention import TritonAttentionBackend
 from pagedserve.kernels.paged_attention import (
     AttentionKernelConfig,
     _join_lane_sums,

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve.backend.models.llama import LlamaForCausalLM
-from pagedserve.backend.runner.attention import AttentionMetadata
+from pagedserve.backend.runner.attention import AttentionMetadata, forward_context
 
 Step = dict[int, tuple[int, int]]  # sequence -> token range [start, end) fed this step
 Row = tuple[int, int, torch.Tensor]  # (sequence, position, fp32 logits)
@@ -156,7 +156,9 @@ def run_schedule(
         for step in steps:
             chunks = {s: sequences[s][a:b] for s, (a, b) in step.items()}
             input_ids, positions, metadata = cache.schedule(chunks, device)
-            logits = model.compute_logits(model(input_ids, positions, cache.kv_caches, metadata))
+            with forward_context(metadata, cache.kv_caches):
+                hidden = model(input_ids, positions)
+            logits = model.compute_logits(hidden)
             assert logits.dtype == torch.float32
             assert logits.shape == (len(input_ids), model.vocab_size)
             logits = logits.cpu()

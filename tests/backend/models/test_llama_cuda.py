@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.runner.attention import get_attention_backend
 from tests.backend.models.paged_schedule import (
@@ -45,7 +46,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _model(model_dir: Path, dtype: torch.dtype) -> LlamaForCausalLM:
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    model = LlamaForCausalLM(config, get_attention_backend(CUDA), dtype, CUDA)
+    model = LlamaForCausalLM(config, get_attention_backend(CUDA), LayerContext(dtype, CUDA))
     weights: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         weights.update(load_file(str(path)))

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import (
     ColumnParallelLinear,
     LMHead,
@@ -23,6 +24,7 @@ from pagedserve.backend.models.layers import (
 
 CPU = torch.device("cpu")
 F32 = torch.float32
+CTX = LayerContext(F32, CPU)
 LLAMA3_SCALING = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -37,6 +39,10 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def _split(rank: int, tp_size: int) -> LayerContext:
+    return LayerContext(F32, CPU, tp_rank=rank, tp_size=tp_size)
+
+
 def _load(layer: torch.nn.Module, name: str, tensor: torch.Tensor, shard_id: object = None) -> None:
     layer.weight_loader(getattr(layer, name), tensor, shard_id)
 
@@ -48,7 +54,7 @@ def test_column_parallel_ranks_concatenate_to_full(tp_size: int, gen: torch.Gene
     x = torch.randn(5, 8, generator=gen)
     outs = []
     for rank in range(tp_size):
-        layer = ColumnParallelLinear(8, 16, True, F32, CPU, tp_rank=rank, tp_size=tp_size)
+        layer = ColumnParallelLinear(8, 16, True, _split(rank, tp_size))
         _load(layer, "weight", w)
         _load(layer, "bias", b)
         outs.append(layer(x))
@@ -62,7 +68,7 @@ def test_merged_column_parallel_places_gate_and_up(tp_size: int, gen: torch.Gene
     x = torch.randn(3, 8, generator=gen)
     local = 12 // tp_size
     for rank in range(tp_size):
-        layer = MergedColumnParallelLinear(8, [12, 12], False, F32, CPU, rank, tp_size)
+        layer = MergedColumnParallelLinear(8, [12, 12], False, _split(rank, tp_size))
         _load(layer, "weight", up, 1)  # load order must not matter
         _load(layer, "weight", gate, 0)
         out = layer(x)
@@ -84,7 +90,7 @@ def test_qkv_parallel_splits_or_replicates_kv_heads(tp_size: int, gen: torch.Gen
     full_k = (x @ wk.T + bk).view(3, kv_heads, head_dim)
     full_v = (x @ wv.T + bv).view(3, kv_heads, head_dim)
     for rank in range(tp_size):
-        layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, True, F32, CPU, rank, tp_size)
+        layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, True, _split(rank, tp_size))
         for shard, w, b in (("v", wv, bv), ("q", wq, bq), ("k", wk, bk)):
             _load(layer, "weight", w, shard)
             _load(layer, "bias", b, shard)
@@ -109,7 +115,7 @@ def test_row_parallel_partial_sums_add_to_full(tp_size: int, gen: torch.Generato
     local = 16 // tp_size
     total = torch.zeros(4, 6)
     for rank in range(tp_size):
-        layer = RowParallelLinear(16, 6, True, F32, CPU, rank, tp_size, reduce_results=False)
+        layer = RowParallelLinear(16, 6, True, _split(rank, tp_size), reduce_results=False)
         _load(layer, "weight", w)
         _load(layer, "bias", b)
         total += layer(x[:, rank * local : (rank + 1) * local])
@@ -117,12 +123,12 @@ def test_row_parallel_partial_sums_add_to_full(tp_size: int, gen: torch.Generato
 
 
 def test_weight_loaders_reject_bad_input(gen: torch.Generator) -> None:
-    col = ColumnParallelLinear(8, 16, False, F32, CPU)
+    col = ColumnParallelLinear(8, 16, False, CTX)
     with pytest.raises(ValueError, match="shape mismatch"):
         _load(col, "weight", torch.randn(16, 9, generator=gen))
     with pytest.raises(ValueError, match="shard id"):
         _load(col, "weight", torch.randn(16, 8, generator=gen), "q")
-    qkv = QKVParallelLinear(16, 4, 4, 2, False, F32, CPU)
+    qkv = QKVParallelLinear(16, 4, 4, 2, False, CTX)
     with pytest.raises(ValueError, match="'q', 'k' or 'v'"):
         _load(qkv, "weight", torch.randn(16, 16, generator=gen), "x")
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -131,30 +137,34 @@ def test_weight_loaders_reject_bad_input(gen: torch.Generator) -> None:
     for shard, rows in (("q", 20), ("k", 12), ("v", 4)):
         with pytest.raises(ValueError, match="shape mismatch"):
             _load(qkv, "weight", torch.randn(rows, 16, generator=gen), shard)
-    sharded_col = ColumnParallelLinear(8, 16, False, F32, CPU, tp_rank=1, tp_size=2)
+    sharded_col = ColumnParallelLinear(8, 16, False, _split(1, 2))
     with pytest.raises(ValueError, match="shape mismatch"):
         _load(sharded_col, "weight", torch.randn(24, 8, generator=gen))
-    row = RowParallelLinear(16, 6, False, F32, CPU, tp_rank=0, tp_size=2)
+    row = RowParallelLinear(16, 6, False, _split(0, 2))
     with pytest.raises(ValueError, match="shape mismatch"):
         _load(row, "weight", torch.randn(6, 24, generator=gen))
-    merged = MergedColumnParallelLinear(8, [12, 12], False, F32, CPU)
+    merged = MergedColumnParallelLinear(8, [12, 12], False, CTX)
     with pytest.raises(ValueError, match="shard id"):
         _load(merged, "weight", torch.randn(12, 8, generator=gen), 2)
     with pytest.raises(ValueError, match="shape mismatch"):
         _load(merged, "weight", torch.randn(16, 8, generator=gen), 1)
     with pytest.raises(ValueError, match="not divisible"):
-        ColumnParallelLinear(8, 15, False, F32, CPU, tp_rank=0, tp_size=2)
+        ColumnParallelLinear(8, 15, False, _split(0, 2))
     with pytest.raises(ValueError, match="not a multiple"):
-        QKVParallelLinear(16, 4, 12, 2, False, F32, CPU, tp_rank=0, tp_size=3)
+        QKVParallelLinear(16, 4, 12, 2, False, _split(0, 3))
     with pytest.raises(ValueError, match="invalid tensor-parallel rank"):
-        RowParallelLinear(16, 6, False, F32, CPU, tp_rank=2, tp_size=2)
+        LayerContext(F32, CPU, tp_rank=2, tp_size=2)
+    with pytest.raises(ValueError, match="invalid tensor-parallel rank"):
+        LayerContext(F32, CPU, tp_rank=0, tp_size=0)
+    with pytest.raises(ValueError, match="invalid tensor-parallel rank"):
+        VocabEmbedding(50, 8, F32, CPU, tp_rank=2, tp_size=2)
 
 
 def test_rms_norm_matches_transformers_with_and_without_residual(gen: torch.Generator) -> None:
     x = torch.randn(5, 32, generator=gen)
     residual = torch.randn(5, 32, generator=gen)
     weight = torch.randn(32, generator=gen)
-    ours = RMSNorm(32, 1e-6, F32, CPU)
+    ours = RMSNorm(32, 1e-6, CTX)
     _load(ours, "weight", weight)
     ref = LlamaRMSNorm(32, eps=1e-6)
     with torch.no_grad():
@@ -202,7 +212,7 @@ def test_rotary_matches_transformers(scaling: dict | None, gen: torch.Generator)
     )
     params = rope_parameters(config)
     assert params == rope_parameters(_old_style(config, dict(scaling) if scaling else None))
-    rotary = RotaryEmbedding(head_dim, max_pos, params, CPU)
+    rotary = RotaryEmbedding(head_dim, max_pos, params, CTX)
 
     positions = torch.randint(0, max_pos, (64,), generator=gen)
     q = torch.randn(64, 4, head_dim, generator=gen)
@@ -222,6 +232,6 @@ def test_rotary_matches_transformers(scaling: dict | None, gen: torch.Generator)
 
 def test_unsupported_rope_settings_are_refused() -> None:
     with pytest.raises(NotImplementedError, match="yarn"):
-        RotaryEmbedding(16, 64, {"rope_theta": 1e4, "rope_type": "yarn", "factor": 2.0}, CPU)
+        RotaryEmbedding(16, 64, {"rope_theta": 1e4, "rope_type": "yarn", "factor": 2.0}, CTX)
     with pytest.raises(NotImplementedError, match="partial"):
-        RotaryEmbedding(16, 64, {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, CPU)
+        RotaryEmbedding(16, 64, {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, CTX)

@@ -13,7 +13,11 @@ from safetensors.torch import load_file, save_file
 from pagedserve.backend.config import DEFAULT_MODEL_NAME, ModelConfig
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
-from pagedserve.backend.runner.attention import AttentionMetadata, TorchAttentionBackend
+from pagedserve.backend.runner.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    forward_context,
+)
 
 CPU = torch.device("cpu")
 
@@ -30,10 +34,8 @@ def _prefill_logits(loaded: LoadedModel, token_ids: list[int]) -> torch.Tensor:
         torch.zeros(2, 1, n, model.num_kv_heads, model.head_dim) for _ in range(model.num_layers)
     ]
     metadata = AttentionMetadata.single_prefill(n, block_size=n, device="cpu")
-    with torch.no_grad():
-        return model.compute_logits(
-            model(torch.tensor(token_ids), torch.arange(n), caches, metadata)
-        )
+    with torch.no_grad(), forward_context(metadata, caches):
+        return model.compute_logits(model(torch.tensor(token_ids), torch.arange(n)))
 
 
 def _copy_model_dir(src: Path, dst: Path, weights: bool = True) -> Path:

@@ -12,8 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.llama import LlamaForCausalLM
-from pagedserve.backend.runner.attention import AttentionMetadata, TorchAttentionBackend
+from pagedserve.backend.runner.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    forward_context,
+)
 
 CPU = torch.device("cpu")
 TP_SIZE = 2
@@ -24,9 +29,8 @@ def _logits(model_dir: Path, tp_rank: int, tp_size: int) -> torch.Tensor:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    model = LlamaForCausalLM(
-        config, TorchAttentionBackend(), torch.float32, CPU, tp_rank=tp_rank, tp_size=tp_size
-    )
+    ctx = LayerContext(torch.float32, CPU, tp_rank=tp_rank, tp_size=tp_size)
+    model = LlamaForCausalLM(config, TorchAttentionBackend(), ctx)
     model.load_weights(load_file(str(model_dir / "model.safetensors")).items())
     n = len(PROMPT)
     caches = [
@@ -34,7 +38,8 @@ def _logits(model_dir: Path, tp_rank: int, tp_size: int) -> torch.Tensor:
     ]
     metadata = AttentionMetadata.single_prefill(n, block_size=n, device="cpu")
     with torch.no_grad():
-        hidden = model(torch.tensor(PROMPT), torch.arange(n), caches, metadata)
+        with forward_context(metadata, caches):
+            hidden = model(torch.tensor(PROMPT), torch.arange(n))
         return model.compute_logits(hidden)
 
 

@@ -1,4 +1,5 @@
-"""The model's GEMM call site on CPU: oneDNN with packed weights against ``F.linear``."""
+"""The unquantized linear method's GEMM on CPU: oneDNN with packed weights against
+``F.linear``, and packed copies that follow weight reloads through the layers."""
 
 from __future__ import annotations
 
@@ -8,23 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.backend.models import layers
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import (
     ColumnParallelLinear,
     LMHead,
     RowParallelLinear,
     VocabEmbedding,
-    linear,
 )
+from pagedserve.backend.quantization import unquantized
+from pagedserve.backend.quantization.unquantized import linear
 
 CPU = torch.device("cpu")
 F32 = torch.float32
+CTX = LayerContext(F32, CPU)
 # fp32 on both sides; only the order of the K-long sums differs. Relative to max |output|
 # (measured worst: 1.4e-6; a reduced-precision GEMM would be off by ~1e-3).
 REL_TOL = 5e-6
 
 pytestmark = pytest.mark.skipif(
-    not layers._HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear"
+    not unquantized._HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear"
 )
 
 
@@ -78,8 +81,8 @@ def test_empty_batch_and_other_dtypes_and_autograd(gen: torch.Generator) -> None
 
 def test_reloaded_weights_are_never_served_stale(gen: torch.Generator) -> None:
     x = torch.randn(4, 8, generator=gen)
-    column = ColumnParallelLinear(8, 16, False, F32, CPU)
-    row = RowParallelLinear(8, 6, False, F32, CPU)
+    column = ColumnParallelLinear(8, 16, False, CTX)
+    row = RowParallelLinear(8, 6, False, CTX)
     for _ in range(2):  # the second round reloads layers that have already run
         w_col = torch.randn(16, 8, generator=gen)
         w_row = torch.randn(6, 8, generator=gen)
@@ -102,9 +105,9 @@ def test_tied_head_follows_embedding_reload(gen: torch.Generator) -> None:
 
 
 def test_packed_copies_die_with_their_layers(gen: torch.Generator) -> None:
-    packed = layers._onednn_weights._packed
+    packed = unquantized._onednn_weights._packed
     before = len(packed)
-    layer = ColumnParallelLinear(8, 16, False, F32, CPU)
+    layer = ColumnParallelLinear(8, 16, False, CTX)
     layer.weight_loader(layer.weight, torch.randn(16, 8, generator=gen))
     with torch.inference_mode():
         layer(torch.randn(2, 8, generator=gen))

@@ -1,0 +1,64 @@
+"""The registry picks our class from a config's architectures (or, lacking them, its model
+type) and refuses, with a ModelLoadError naming what is supported, anything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from pagedserve.backend.config import ModelConfig
+from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.loader import load_model
+from pagedserve.backend.models.registry import resolve_model_class
+from pagedserve.backend.runner.attention import TorchAttentionBackend
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@pytest.mark.parametrize(("architecture", "model_type"), ARCHITECTURES.items())
+def test_each_architecture_resolves_with_or_without_its_name(
+    architecture: str, model_type: str
+) -> None:
+    named = AutoConfig.for_model(model_type, architectures=[architecture])
+    assert resolve_model_class(named) is LlamaForCausalLM
+    # Configs built from hf_overrides name no architecture: the model type stands in for it.
+    unnamed = AutoConfig.for_model(model_type)
+    assert not unnamed.architectures
+    assert resolve_model_class(unnamed) is LlamaForCausalLM
+
+
+def test_the_first_registered_architecture_of_several_wins() -> None:
+    config = AutoConfig.for_model("llama", architectures=["LlamaModel", "LlamaForCausalLM"])
+    assert resolve_model_class(config) is LlamaForCausalLM
+
+
+def test_unknown_architectures_and_model_types_are_refused() -> None:
+    head = AutoConfig.for_model("llama", architectures=["LlamaForSequenceClassification"])
+    with pytest.raises(
+        ModelLoadError,
+        match=r"architecture 'LlamaForSequenceClassification' is not supported "
+        r"\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM\)",
+    ):
+        resolve_model_class(head)
+    # A registered architecture name does not admit a config of another type.
+    gpt2 = AutoConfig.for_model("gpt2", architectures=["LlamaForCausalLM"])
+    with pytest.raises(
+        ModelLoadError, match=r"'gpt2' is not supported \(supported: llama, mistral, qwen2\)"
+    ):
+        resolve_model_class(gpt2)
+
+
+def test_loader_builds_through_the_registry(tiny_llama_dir: Path) -> None:
+    config = ModelConfig(
+        model=str(tiny_llama_dir), hf_overrides={"architectures": ["GPT2LMHeadModel"]}
+    )
+    with pytest.raises(ModelLoadError, match="architecture 'GPT2LMHeadModel' is not supported"):
+        load_model(config, torch.device("cpu"), torch.float32, TorchAttentionBackend())
