@@ -94,9 +94,6 @@ class _InFlight:
     launched: LaunchedStep
     computed_after: list[int]  # each scheduled request's computed tokens once the step is done
     info: StepInfo
-    # A request it samples for reads its whole token history on the host (penalties,
-    # min_tokens): the next step must wait for this one's ids before it is scheduled.
-    blocks_overlap: bool
 
 
 class CommandSource(Protocol):
@@ -247,7 +244,7 @@ class EngineCore:
             if self._in_flight is None:
                 return failed
         current = self._in_flight
-        overlaps = self.overlap and not current.blocks_overlap
+        overlaps = self.overlap and not current.sched.samples_history_reader
         following, failed = self._launch() if overlaps else (None, [])
         deltas = failed + self._process(current)
         self._in_flight = following
@@ -280,10 +277,7 @@ class EngineCore:
             self.last_step = info
             return None, self._fail_step(sched, exc)
         computed_after = self.scheduler.launched(sched)
-        blocks_overlap = any(
-            s.samples and s.request.params.reads_token_history for s in sched.scheduled
-        )
-        return _InFlight(sched, launched, computed_after, info, blocks_overlap), []
+        return _InFlight(sched, launched, computed_after, info), []
 
     def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutputDelta]:
         """Finish the step's still-live requests with an error; the engine goes on."""

@@ -46,7 +46,12 @@ class ScheduledRequest:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # The requests this step samples a token for, in batch order.
+    samplers: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # A request this step samples for reads its whole token history on the host (penalties,
+    # min_tokens): the next step cannot be scheduled before this step's ids have landed.
+    samples_history_reader: bool = False
     # The block manager's table: row ``request.table_row`` holds each scheduled request's blocks.
     block_table: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
 
@@ -58,10 +63,12 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
-    @property
-    def samplers(self) -> list[Request]:
-        """The requests this step samples a token for, in batch order."""
-        return [s.request for s in self.scheduled if s.samples]
+    def add(self, request: Request, num_new_tokens: int, samples: bool) -> None:
+        self.scheduled.append(ScheduledRequest(request, num_new_tokens, samples))
+        if samples:
+            self.samplers.append(request)
+            if request.reads_token_history:
+                self.samples_history_reader = True
 
 
 def _reaches_max_tokens(req: Request) -> bool:
@@ -103,8 +110,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                samples = req.num_computed_tokens + n == expected
-                out.scheduled.append(ScheduledRequest(req, n, samples))
+                out.add(req, n, req.num_computed_tokens + n == expected)
                 budget -= n
                 i += 1
 
@@ -139,7 +145,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
+            out.add(req, n, req.num_computed_tokens + n == req.num_tokens)
             budget -= n
 
     def _preempt(self, req: Request) -> None:

@@ -205,6 +205,8 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
 class RotaryEmbedding(nn.Module):
     """Rotary embedding with a precomputed fp32 cos/sin table for every position."""
 
+    cos_sin_cache: torch.Tensor  # a buffer: [max_position, head_dim] (cos | sin halves)
+
     def __init__(
         self, head_dim: int, max_position: int, params: dict[str, Any], ctx: LayerContext
     ) -> None:

@@ -12,10 +12,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -29,7 +30,7 @@ from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.default_model import default_model_dir
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.layer_context import LayerContext
-from pagedserve.backend.models.layers import RMSNorm, ShardedLinear
+from pagedserve.backend.models.layers import FullShapes, RMSNorm, ShardedLinear
 from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import AttentionBackend
 
@@ -248,6 +249,16 @@ def _iter_checkpoint(model_dir: Path, load_format: str) -> Iterator[tuple[str, t
             raise ModelLoadError(f"cannot read checkpoint file {path}: {exc}") from exc
 
 
+class _LoadsWeights(Protocol):
+    """What every layer that owns parameters provides to the loader (see layers.py)."""
+
+    def full_shapes(self, param: nn.Parameter) -> FullShapes: ...
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None: ...
+
+
 @torch.no_grad()
 def _init_dummy_weights(model: CausalLM, hf_config: PretrainedConfig, seed: int) -> None:
     """Random weights of the config's init scale, reproducible from ``seed``: norms start at
@@ -260,7 +271,7 @@ def _init_dummy_weights(model: CausalLM, hf_config: PretrainedConfig, seed: int)
     std = float(getattr(hf_config, "initializer_range", None) or _DEFAULT_INIT_STD)
     norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     owners = {
-        id(param): module
+        id(param): cast(_LoadsWeights, module)  # every parameter's owner is one of our layers
         for module in model.modules()
         for param in module.parameters(recurse=False)
     }

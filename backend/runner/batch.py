@@ -137,7 +137,8 @@ def build_step_inputs(sched: SchedulerOutput) -> StepInputs:
         if end > known:  # its last input is the token the step in flight samples
             if end != known + 1 or not req.num_in_flight:
                 raise RuntimeError(f"request {req.request_id}: input token {start} is unknown")
-            ids.extend(req.token_slice(start, known))
+            if start < known:
+                ids.extend(req.token_slice(start, known))
             in_flight_rows.append(len(ids))
             in_flight_slots.append(req.table_row)
             ids.append(0)
@@ -146,7 +147,8 @@ def build_step_inputs(sched: SchedulerOutput) -> StepInputs:
         else:
             ids.extend(req.token_slice(start, end))
         table_rows.append(req.table_row)
-        max_blocks = max(max_blocks, len(req.block_ids))
+        if len(req.block_ids) > max_blocks:
+            max_blocks = len(req.block_ids)
         query_lens.append(n)
         seq_lens.append(end)
         if s.samples:
