@@ -124,8 +124,12 @@ def _checked_interval(stream_interval: int) -> int:
     return stream_interval
 
 
-def _put_all(items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]]) -> None:
-    for mailbox, item in items:
+Item = RequestOutputDelta | BaseException
+
+
+def _put_all(mailboxes: list[_Mailbox], items: list[Item]) -> None:
+    """On a stream's event loop: each item into its mailbox (the lists are aligned)."""
+    for mailbox, item in zip(mailboxes, items):
         mailbox.put(item)
 
 
@@ -445,32 +449,34 @@ class EngineClient:
             return
         for listener in self._output_listeners:
             listener(deltas)
-        items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]] = []
+        mailboxes: list[_Mailbox] = []
+        items: list[Item] = []
         with self._lock:
             streams = self._streams
             for d in deltas:
                 mailbox = streams.pop(d.request_id, None) if d.finished else streams.get(d.request_id)
                 if mailbox is not None:
-                    items.append((mailbox, d))
-        self._post(items)
+                    mailboxes.append(mailbox)
+                    items.append(d)
+        self._post(mailboxes, items)
 
     def _fail(self, error: EngineDeadError) -> None:
         if self._error is None:
             self._error = error
         with self._lock:
-            items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]] = [
-                (mailbox, error) for mailbox in self._streams.values() if mailbox is not None
-            ]
-        self._post(items)
+            mailboxes = [mailbox for mailbox in self._streams.values() if mailbox is not None]
+        self._post(mailboxes, [error] * len(mailboxes))
 
     @staticmethod
-    def _post(items: list[tuple[_Mailbox, RequestOutputDelta | BaseException]]) -> None:
-        """One wake-up per event loop for a whole step's deltas."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Mailbox, Any]]] = {}
-        for mailbox, item in items:
-            by_loop.setdefault(mailbox.loop, []).append((mailbox, item))
-        for loop, batch in by_loop.items():
+    def _post(mailboxes: list[_Mailbox], items: list[Item]) -> None:
+        """One wake-up per event loop for a whole step's deltas (a server has one loop)."""
+        rows_by_loop: dict[asyncio.AbstractEventLoop, list[int]] = {}
+        for row, mailbox in enumerate(mailboxes):
+            rows_by_loop.setdefault(mailbox.loop, []).append(row)
+        for loop, rows in rows_by_loop.items():
+            ours = mailboxes if len(rows) == len(mailboxes) else [mailboxes[r] for r in rows]
+            theirs = items if len(rows) == len(items) else [items[r] for r in rows]
             try:
-                loop.call_soon_threadsafe(_put_all, batch)
+                loop.call_soon_threadsafe(_put_all, ours, theirs)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass

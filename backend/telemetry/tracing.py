@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -40,9 +41,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Post = Callable[[tuple[Any, ...]], None]
-BEGIN = "begin"
-RPC_END = "rpc_end"
+@dataclass(frozen=True, slots=True)
+class RpcBegun:
+    """An RPC's request is about to reach the engine (its steps may link to it now)."""
+
+    trace: RpcTrace
+
+
+@dataclass(frozen=True, slots=True)
+class RpcEnded:
+    """An RPC has ended, with the status the client sees."""
+
+    trace: RpcTrace
+
+
+# How a trace hands its events to the telemetry thread (in order with the engine's).
+Post = Callable[[RpcBegun | RpcEnded], None]
 _NS = 1_000_000_000
 _CUT_SHORT = (FinishReason.ABORT, FinishReason.ERROR)
 
@@ -99,7 +113,7 @@ class RpcTrace:
             attributes[n.GEN_AI_REQUEST_STOP_SEQUENCES] = list(params.stop)
         self.span.set_attributes(attributes)
         self.begun = True
-        self._post((BEGIN, self))
+        self._post(RpcBegun(self))
 
     def mark_admitted(self) -> None:
         self.admitted = True
@@ -109,7 +123,7 @@ class RpcTrace:
         self.end_time = self.end_ns / _NS
         self.code = code
         self.details = details
-        self._post((RPC_END, self))
+        self._post(RpcEnded(self))
 
 
 class NoTrace:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import time
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -14,8 +13,14 @@ from pagedserve.backend.engine.messages import StepInfo
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes, Usage
 from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.telemetry.exporting import new_tracer_provider
-from pagedserve.backend.telemetry.tracing import DEADLINE_SLACK_S, _outcome
-from pagedserve.backend.telemetry.tracing import BEGIN, RPC_END, RequestTracer, RpcTrace
+from pagedserve.backend.telemetry.tracing import (
+    DEADLINE_SLACK_S,
+    RequestTracer,
+    RpcBegun,
+    RpcEnded,
+    RpcTrace,
+    _outcome,
+)
 
 WAIT_S = 5.0
 
@@ -28,9 +33,11 @@ class Harness:
         self.tracer = new_tracer_provider(SimpleSpanProcessor(self.exporter)).get_tracer("t")
         self.requests = RequestTracer(self.tracer, trace_steps=True, final_wait_s=WAIT_S)
 
-    def post(self, item: tuple[Any, ...]) -> None:
-        kind, trace = item
-        {BEGIN: self.requests.on_begin, RPC_END: self.requests.on_rpc_end}[kind](trace)
+    def post(self, item: RpcBegun | RpcEnded) -> None:
+        if isinstance(item, RpcBegun):
+            self.requests.on_begin(item.trace)
+        else:
+            self.requests.on_rpc_end(item.trace)
 
     def rpc(self, request_id: str) -> RpcTrace:
         trace = RpcTrace(self.tracer.start_span("rpc"), request_id, self.post)
