@@ -127,17 +127,8 @@ class VocabEmbedding(_VocabParallel):
     all-reduced, so every rank ends with the full embedding of every token.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: LayerContext) -> None:
         super().__init__()
-        ctx = LayerContext(dtype, device, tp_rank, tp_size)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.shard = _VocabShard(vocab_size, ctx)
@@ -474,20 +465,17 @@ class LMHead(_VocabParallel):
         self,
         vocab_size: int,
         hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        ctx: LayerContext,
         tied_embedding: VocabEmbedding | None = None,
-        tp_rank: int = 0,
-        tp_size: int = 1,
     ) -> None:
         super().__init__()
-        ctx = LayerContext(dtype, device, tp_rank, tp_size)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.shard = _VocabShard(vocab_size, ctx)
         self.tied = tied_embedding is not None
         if tied_embedding is not None:
-            if tied_embedding.shard.tp_size != tp_size or tied_embedding.shard.tp_rank != tp_rank:
+            shard = tied_embedding.shard
+            if shard.tp_size != ctx.tp_size or shard.tp_rank != ctx.tp_rank:
                 raise ValueError("a tied LM head must be split like its embedding")
             self.weight = tied_embedding.weight
         else:

@@ -139,14 +139,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(
-            hf_config.vocab_size,
-            hf_config.hidden_size,
-            ctx.dtype,
-            ctx.device,
-            ctx.tp_rank,
-            ctx.tp_size,
-        )
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx)
         rotary_emb = RotaryEmbedding(
             head_dim_of(hf_config),
             hf_config.max_position_embeddings,
@@ -187,11 +180,8 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = LMHead(
             hf_config.vocab_size,
             hf_config.hidden_size,
-            ctx.dtype,
-            ctx.device,
+            ctx,
             tied_embedding=self.model.embed_tokens if self.tie_word_embeddings else None,
-            tp_rank=ctx.tp_rank,
-            tp_size=ctx.tp_size,
         )
         attn = cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.attn
         self.num_layers = hf_config.num_hidden_layers

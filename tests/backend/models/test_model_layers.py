@@ -156,8 +156,6 @@ def test_weight_loaders_reject_bad_input(gen: torch.Generator) -> None:
         LayerContext(F32, CPU, tp_rank=2, tp_size=2)
     with pytest.raises(ValueError, match="invalid tensor-parallel rank"):
         LayerContext(F32, CPU, tp_rank=0, tp_size=0)
-    with pytest.raises(ValueError, match="invalid tensor-parallel rank"):
-        VocabEmbedding(50, 8, F32, CPU, tp_rank=2, tp_size=2)
 
 
 def test_rms_norm_matches_transformers_with_and_without_residual(gen: torch.Generator) -> None:
@@ -178,15 +176,16 @@ def test_rms_norm_matches_transformers_with_and_without_residual(gen: torch.Gene
 
 
 def test_tied_lm_head_shares_the_embedding(gen: torch.Generator) -> None:
-    embed = VocabEmbedding(50, 8, F32, CPU)
-    head = LMHead(50, 8, F32, CPU, tied_embedding=embed)
+    ctx = LayerContext(F32, CPU)
+    embed = VocabEmbedding(50, 8, ctx)
+    head = LMHead(50, 8, ctx, tied_embedding=embed)
     _load(embed, "weight", torch.randn(50, 8, generator=gen))
     assert head.weight is embed.weight
     hidden = torch.randn(3, 8, generator=gen)
     logits = head(hidden)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, hidden @ embed.weight.T)
-    untied = LMHead(50, 8, F32, CPU)
+    untied = LMHead(50, 8, ctx)
     assert untied.weight is not embed.weight
 
 

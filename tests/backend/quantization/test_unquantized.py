@@ -94,8 +94,9 @@ def test_reloaded_weights_are_never_served_stale(gen: torch.Generator) -> None:
 
 
 def test_tied_head_follows_embedding_reload(gen: torch.Generator) -> None:
-    embed = VocabEmbedding(50, 8, F32, CPU)
-    head = LMHead(50, 8, F32, CPU, tied_embedding=embed)
+    ctx = LayerContext(F32, CPU)
+    embed = VocabEmbedding(50, 8, ctx)
+    head = LMHead(50, 8, ctx, tied_embedding=embed)
     hidden = torch.randn(3, 8, generator=gen)
     for _ in range(2):
         table = torch.randn(50, 8, generator=gen)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import LMHead, VocabEmbedding
 from pagedserve.backend.models.loader import load_model
 from pagedserve.backend.runner.attention import TorchAttentionBackend
@@ -93,9 +94,10 @@ def test_vocab_split_covers_every_row_once_with_zero_padding(vocab: int, tp: int
     full = torch.randn(vocab, 8)
     shards = []
     for rank in range(tp):
-        embed = VocabEmbedding(vocab, 8, torch.float32, CPU, tp_rank=rank, tp_size=tp)
+        ctx = LayerContext(torch.float32, CPU, tp_rank=rank, tp_size=tp)
+        embed = VocabEmbedding(vocab, 8, ctx)
         embed.weight_loader(embed.weight, full)
-        head = LMHead(vocab, 8, torch.float32, CPU, tied_embedding=embed, tp_rank=rank, tp_size=tp)
+        head = LMHead(vocab, 8, ctx, tied_embedding=embed)
         assert head.weight is embed.weight
         assert embed.weight.shape[0] == -(-vocab // tp)
         shards.append(embed.weight)
