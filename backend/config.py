@@ -97,7 +97,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # CUDA graphs for decode batches; ignored on CPU.
     enable_cuda_graphs: bool = True
-    # Queue step N+1 on the device before step N's ids reach the host (see engine.py). None:
+    # Queue step N+1 on the device before step N's ids reach the host (see engine/core.py). None:
     # on for CUDA without tensor parallelism (opt-in with it), off on the CPU where nothing
     # would overlap.
     overlap_scheduling: bool | None = None
