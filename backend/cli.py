@@ -12,16 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 from typing import Any, get_args
 
-from pagedserve.backend.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    ParallelConfig,
-    SchedulerConfig,
-)
+from pagedserve.backend.config import EngineConfig
 
 # Engine flags: dataclass field -> CLI flag, generated from the config dataclasses.
-_ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+_ENGINE_SECTIONS = [type(s) for s in EngineConfig().sections()[1:]]
 _SKIP_FIELDS = {"hf_overrides"}
 
 

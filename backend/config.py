@@ -7,7 +7,7 @@ same names as keyword arguments. Nothing in the hot path hard-codes a value that
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,11 +90,25 @@ class ParallelConfig:
 
 
 @dataclass
+class RequestLimits:
+    """Bounds on one request, checked once at admission (a request over one is refused with a
+    message naming the field). None: only the model's context bounds it."""
+
+    max_prompt_tokens: int | None = None
+    max_output_tokens: int | None = None
+    # Stop strings are matched across every new token's text, each held back from the stream
+    # until it cannot start one: their number and length cost every token of the request.
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
     # CUDA graphs for decode batches; ignored on CPU.
     enable_cuda_graphs: bool = True
     # Queue step N+1 on the device before step N's ids reach the host (see engine/core.py). None:
@@ -112,16 +126,18 @@ class EngineConfig:
         cache = replace(self.cache, gpu_memory_utilization=self.cache.gpu_memory_utilization * (index + 1) / count)
         return replace(self, cache=cache)
 
+    def sections(self) -> list[Any]:
+        """This config and each of its sections: the flat option names live in these."""
+        return [self, self.model, self.cache, self.scheduler, self.parallel, self.limits]
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat keyword names (``block_size=8, max_num_seqs=4``), as LLM() takes them."""
         config = cls()
-        sections: list[EngineConfig | ModelConfig | CacheConfig | SchedulerConfig | ParallelConfig]
-        sections = [config, config.model, config.cache, config.scheduler, config.parallel]
         for key, value in kwargs.items():
-            for section in sections:
-                if key in {f.name for f in fields(section)} and not isinstance(
-                    getattr(section, key), (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+            for section in config.sections():
+                if key in {f.name for f in fields(section)} and not is_dataclass(
+                    getattr(section, key)
                 ):
                     if key == "cache_dir" and value is not None:
                         value = Path(value)
@@ -152,6 +168,14 @@ class TelemetryConfig:
     # A request span waits this long for the engine's final word on a request whose RPC has
     # ended (a cancel is seen by the engine up to one step later) before it is exported as is.
     engine_final_wait_s: float = 5.0
+    # HTTPS on the metrics port (PEM files; `pagedserve serve --metrics-ssl` gives it the gRPC
+    # port's): the certificate chain and key, and the CAs a scraper's certificate must be
+    # signed by (None: no client certificate asked). All None: plain HTTP.
+    metrics_ssl_certfile: str | None = None
+    metrics_ssl_keyfile: str | None = None
+    metrics_ssl_ca_certs: str | None = None
+    # Scrapes must send `Authorization: Bearer <this>` (HTTP 401 otherwise); None: open.
+    metrics_api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -160,8 +184,13 @@ class ServerConfig:
 
     host: str = "0.0.0.0"
     port: int = 8001
-    # gRPC's default limit is 4 MiB; long prompt_token_ids and KServe tensors need more.
-    max_message_bytes: int = 256 * 1024 * 1024
+    # gRPC's default is 4 MiB; 16 MiB carries a prompt of about 4M characters or token ids and
+    # still refuses (RESOURCE_EXHAUSTED) what no model could take.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Streams one connection may have open at once (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS):
+    # a client's further calls on it wait for a free one. The load generator runs 256 streams
+    # on one channel.
+    max_concurrent_streams: int = 1024
     # The server pings idle connections this often, and drops them if no answer in the timeout.
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
@@ -176,11 +205,25 @@ class ServerConfig:
     # last may carry fewer): fewer, larger messages leave the server more time for the engine
     # when it streams to many clients. 1 sends each step's tokens as soon as they exist.
     stream_interval: int = 1
-    # How often the server checks that the engine loop is alive (health NOT_SERVING if not).
+    # How often the server checks that the engine loop is alive. A dead engine (its process or
+    # a tensor-parallel rank gone) fails its requests at once, turns health NOT_SERVING, and
+    # ends the server (exit code 1) so that the orchestrator starts a fresh one.
     engine_check_interval_s: float = 1.0
+    # A model that fails to load ends the server (exit code 1, one line naming the cause). False
+    # keeps it listening with health NOT_SERVING and every call UNAVAILABLE with the reason.
+    exit_on_load_error: bool = True
     # Run the engine loop in a process of its own, so it does not share the interpreter lock
     # with the gRPC event loop. None: on when the engine runs on CUDA (where that lock, not
     # the device, limits a server streaming to many clients), off on the CPU (where the host
     # cores run the model and a second process would compete for them).
     engine_process: bool | None = None
+    # TLS on the gRPC port (PEM files): the server's certificate chain and its private key.
+    # With ssl_ca_certs, every client must present a certificate signed by one of those CAs
+    # (mTLS). All None: plaintext (a mesh sidecar may do TLS in front).
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+    # Every RPC but health and reflection needs metadata `authorization: Bearer <api_key>`
+    # (backend/server/security.py); None: no key.
+    api_key: str | None = field(default=None, repr=False)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pagedserve.backend.cli import add_engine_args, engine_config_from_args
+from pagedserve.clients.security import add_connection_args
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def register_generate(sub: Any) -> None:
         help="ask a running pagedserve server instead of loading the model here",
     )
     add_sampling_args(p)
+    add_connection_args(p, note="with --server")
     add_engine_args(p)
     p.set_defaults(func=run_generate)
 

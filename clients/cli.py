@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import grpc
 
 from pagedserve.clients.client import GenerationClient
+from pagedserve.clients.security import add_connection_args, connection_from_args
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 EXIT_COMMANDS = frozenset({"/exit", "/quit"})
@@ -47,11 +48,21 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def connect(args: argparse.Namespace) -> GenerationClient:
+    """A client for ``--server`` with the connection flags (ValueError: unusable flags)."""
+    return GenerationClient(args.server, **connection_from_args(args))
+
+
 def run_generate_remote(
     args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
     """``pagedserve generate --server``: one prompt, as a chat message unless ``--raw``."""
-    with GenerationClient(args.server) as client:
+    try:
+        client = connect(args)
+    except ValueError as error:
+        print(f"error: {error}", file=err)
+        return 2
+    with client:
         if args.raw:
             responses = client.generate(args.prompt, **_sampling(args))
         else:
@@ -105,13 +116,21 @@ def chat_loop(
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    with GenerationClient(args.server) as client:
+    try:
+        client = connect(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with client:
         try:
             client.wait_until_serving(args.wait)
+            model_name = client.model_info().model_name
         except TimeoutError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-        print(f"chatting with {args.server} ({client.model_info().model_name}); "
+        except grpc.RpcError as error:
+            return _fail(error, sys.stderr)
+        print(f"chatting with {args.server} ({model_name}); "
               f"{RESET_COMMAND} starts over, /exit or Ctrl-D ends", file=sys.stderr)
         return chat_loop(
             client, input, sys.stdout, system=args.system, sampling=_sampling(args)
@@ -128,4 +147,5 @@ def register_chat(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    add_connection_args(p)
     p.set_defaults(func=run_chat)

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import TracerProvider
 
+from pagedserve.clients.security import ChannelSecurity
 from pagedserve.clients.tracing import ClientTracing, TracedStream, end_span
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc as pb_grpc
@@ -90,23 +91,52 @@ def build_request(
     return request
 
 
+# How gRPC words a TLS handshake this side refused: an untrusted certificate or a plaintext
+# server, and a certificate issued to another name.
+_REFUSED_HANDSHAKE = ("handshake failed", "verification check failed")
+
+
+def handshake_failed(error: grpc.RpcError) -> bool:
+    """UNAVAILABLE because this side refused the TLS handshake (a server's refusal reads as a
+    closed socket, like a server going away)."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if not callable(code) or not callable(details):
+        return False
+    text = (details() or "").lower()
+    return code() == grpc.StatusCode.UNAVAILABLE and any(m in text for m in _REFUSED_HANDSHAKE)
+
+
 class GenerationClient:
     """Blocking client. ``generate`` returns the gRPC call: iterate it, or ``.cancel()`` it.
 
     Each Generate/Complete gets a client span from ``tracer_provider`` (default: the global
     one) whose context travels to the server as ``traceparent``.
+
+    A secured server: ``api_key`` goes with every call as ``authorization: Bearer <key>``;
+    TLS is on with any ``ssl_*`` file (PEM): ``ssl_ca_certs`` to verify the server (default:
+    gRPC's roots, or ``ssl=True`` alone), ``ssl_certfile``/``ssl_keyfile`` for mTLS, and
+    ``ssl_server_name`` when the certificate names another host than ``target``'s.
     """
 
     def __init__(
         self,
         target: str,
         *,
+        api_key: str | None = None,
+        ssl: bool | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        ssl_server_name: str | None = None,
         options: Iterable[tuple[str, Any]] = CHANNEL_OPTIONS,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.target = target
         self._tracing = ClientTracing(target, tracer_provider)
-        self._channel = grpc.insecure_channel(target, options=list(options))
+        security = ChannelSecurity(
+            ssl, ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_server_name, api_key
+        )
+        self._channel = security.channel(target, options)
         self.stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = cast(_HealthStub, health_pb2_grpc.HealthStub(self._channel))
 
@@ -152,14 +182,16 @@ class GenerationClient:
         return self._health.Check(health_pb2.HealthCheckRequest(service=service)).status
 
     def wait_until_serving(self, timeout_s: float = 300.0) -> None:
-        """Block until health reports SERVING (the server may still be starting or loading)."""
+        """Block until health reports SERVING (the server may still be starting or loading).
+        A TLS handshake this client refused (an untrusted or misnamed certificate, a plaintext
+        server) raises at once: waiting would not mend it."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if self.health() == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or handshake_failed(error):
                     raise
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.target} not SERVING after {timeout_s} s")
@@ -177,18 +209,27 @@ class GenerationClient:
 
 class AsyncGenerationClient:
     """asyncio client. ``generate`` returns the call: ``async for`` it, or ``.cancel()`` it.
-    Traced as ``GenerationClient`` is."""
+    Traced and secured as ``GenerationClient`` is."""
 
     def __init__(
         self,
         target: str,
         *,
+        api_key: str | None = None,
+        ssl: bool | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        ssl_server_name: str | None = None,
         options: Iterable[tuple[str, Any]] = CHANNEL_OPTIONS,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.target = target
         self._tracing = ClientTracing(target, tracer_provider)
-        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        security = ChannelSecurity(
+            ssl, ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_server_name, api_key
+        )
+        self._channel = security.aio_channel(target, options)
         self.stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = cast(_AsyncHealthStub, health_pb2_grpc.HealthStub(self._channel))
 
@@ -245,7 +286,7 @@ class AsyncGenerationClient:
                 if await self.health() == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or handshake_failed(error):
                     raise
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.target} not SERVING after {timeout_s} s")

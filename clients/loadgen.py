@@ -18,13 +18,14 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TextIO
 
 import grpc
 
 from pagedserve.clients.client import AsyncGenerationClient
+from pagedserve.clients.security import add_connection_args, connection_from_args
 
 PERCENTILES = (50, 90, 99)
 _MS = 1000.0
@@ -280,11 +281,13 @@ async def run_load(
     pattern: LoadPattern,
     *,
     progress: bool = True,
+    connection: Mapping[str, Any] | None = None,
 ) -> BenchReport:
-    """Send the workload to ``target`` and measure every request."""
+    """Send the workload to ``target`` and measure every request; ``connection``: the
+    client's TLS and API key arguments (``AsyncGenerationClient(target, **connection)``)."""
     from tqdm.auto import tqdm
 
-    async with AsyncGenerationClient(target) as client:
+    async with AsyncGenerationClient(target, **(connection or {})) as client:
         await client.wait_until_serving()
         info = await client.model_info()
         special = set(info.special_token_ids)
@@ -376,7 +379,18 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                   "(no --server)",
                   file=sys.stderr)
             return 2
-        report = asyncio.run(run_load(args.server, workload, pattern, progress=args.progress))
+        try:
+            connection = connection_from_args(args)
+            run = run_load(
+                args.server, workload, pattern, progress=args.progress, connection=connection
+            )
+            report = asyncio.run(run)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except grpc.aio.AioRpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
     else:
         report = _in_process_report(args, workload, pattern)
     report.print()
@@ -431,6 +445,7 @@ def register_bench_serve(bench_sub: Any) -> None:
     )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", dest="json_out", default=None, help="write the report to this file")
+    add_connection_args(p, note="with --server")
     add_engine_args(p)
     p.set_defaults(func=run_bench_serve)
 

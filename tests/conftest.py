@@ -1,4 +1,5 @@
-"""Session-wide fixtures: the converted default model and tiny random Llama-family models.
+"""Session-wide fixtures: the converted default model, tiny random Llama-family models and a
+throw-away PKI for the TLS tests.
 
 The default model is converted once into the real cache directory ($PAGEDSERVE_CACHE_DIR, else
 ~/.cache/pagedserve) so repeated test runs reuse it. Tiny models are written per session into
@@ -12,7 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ if not torch.cuda.is_available():
 
 from pagedserve.backend.config import default_cache_dir
 from pagedserve.backend.models.default_model import default_model_dir as convert_default
+
+if TYPE_CHECKING:
+    from tests.certs import Pki
 
 # Nothing above imports huggingface_hub, which reads this once at import: tests never go online.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,6 +89,14 @@ def save_tiny_model(
         if path.name.startswith(("tokenizer", "chat_template", "special_tokens", "generation")):
             shutil.copy(path, out_dir / path.name)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """CAs, certificates and keys for the TLS tests, generated for this session."""
+    from tests.certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

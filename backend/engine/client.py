@@ -355,6 +355,13 @@ class EngineClient:
     def is_alive(self) -> bool:
         return self._channel.is_alive and self._error is None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can run nothing more, once it cannot."""
+        if self._error is not None:
+            return str(self._error)
+        return None if self._channel.is_alive else "the engine loop has ended"
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._builder.tokenize(text, add_special_tokens)
 

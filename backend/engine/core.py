@@ -188,6 +188,7 @@ class EngineCore:
             eos_token_ids=eos_token_ids,
             block_size=block_size,
             num_blocks=self.block_manager.num_blocks,
+            limits=config.limits,
         )
 
     # -- the request table -------------------------------------------------------------------
@@ -418,8 +419,8 @@ def run_engine_process(conn: Connection) -> None:
     assert isinstance(start, StartEngine)
     try:
         core = EngineCore(start.config)
-    except BaseException as exc:
-        logger.exception("the engine failed to load")
+    except BaseException as exc:  # the server's process reports it in one line
+        logger.debug("the engine failed to load", exc_info=exc)
         emit(EngineLoadFailed(portable(exc)))
         conn.close()
         return

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pagedserve.backend.config import RequestLimits
 from pagedserve.backend.errors import InvalidRequestError, RequestTooLongError
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -222,6 +223,7 @@ class RequestBuilder:
     eos_token_ids: frozenset[int]
     block_size: int
     num_blocks: int
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -265,6 +267,7 @@ class RequestBuilder:
                     "prompt_token_ids", f"ids must be in [0, {self.vocab_size}); got {bad[0]}"
                 )
         params.validate(self.vocab_size)
+        self._check_limits(len(prompt_token_ids), params)
         self._check_fits(len(prompt_token_ids), params.max_tokens)
         return Request(
             request_id=request_id,
@@ -272,6 +275,31 @@ class RequestBuilder:
             params=params,
             eos_token_ids=self.eos_token_ids,
         )
+
+    def _check_limits(self, num_prompt: int, params: SamplingParams) -> None:
+        """The server's per-request bounds (``RequestLimits``), beyond what the model allows."""
+        limits = self.limits
+        if limits.max_prompt_tokens is not None and num_prompt > limits.max_prompt_tokens:
+            raise RequestTooLongError(
+                "prompt", f"{num_prompt} tokens exceed this server's limit of "
+                f"{limits.max_prompt_tokens} (--max-prompt-tokens)"
+            )
+        if limits.max_output_tokens is not None and params.max_tokens > limits.max_output_tokens:
+            raise InvalidRequestError(
+                "max_tokens", f"{params.max_tokens} exceeds this server's limit of "
+                f"{limits.max_output_tokens} (--max-output-tokens)"
+            )
+        if len(params.stop) > limits.max_stop_strings:
+            raise InvalidRequestError(
+                "stop", f"{len(params.stop)} stop strings exceed the limit of "
+                f"{limits.max_stop_strings} (--max-stop-strings)"
+            )
+        longest = max((len(s) for s in params.stop), default=0)
+        if longest > limits.max_stop_string_chars:
+            raise InvalidRequestError(
+                "stop", f"a stop string of {longest} characters exceeds the limit of "
+                f"{limits.max_stop_string_chars} (--max-stop-string-chars)"
+            )
 
     def _check_fits(self, num_prompt: int, max_tokens: int) -> None:
         limit = self.max_model_len

@@ -90,7 +90,7 @@ def encode_config(config: EngineConfig) -> bytes:
     """The config as flat JSON (``EngineConfig.from_kwargs`` names): plain data, so a worker
     never unpickles what it reads from the network."""
     flat: dict[str, object] = {}
-    for section in (config, config.model, config.cache, config.scheduler, config.parallel):
+    for section in config.sections():
         for f in fields(section):
             value = getattr(section, f.name)
             if not is_dataclass(value):

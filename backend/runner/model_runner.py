@@ -137,7 +137,8 @@ class ModelRunner:
         try:
             self._load()
         except BaseException:
-            self.shutdown()
+            # The other ranks failed too or wait for a load that will not come: no goodbye.
+            self.shutdown(graceful=False)
             raise
 
     def _load(self) -> None:
@@ -193,15 +194,16 @@ class ModelRunner:
         if self.leader is not None and self.leader.dead_reason is not None:
             raise EngineDeadError(self.leader.dead_reason)
 
-    def shutdown(self) -> None:
-        """Stop the other ranks (rank 0); a no-op without tensor parallelism."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the other ranks (rank 0); a no-op without tensor parallelism. ``graceful``
+        tells them over the step channel first (only when they are all there and idle)."""
         if self.leader is None:
             return
         idle = self._step_lock.acquire(timeout=_SHUTDOWN_STEP_WAIT_S)
         try:
             if idle:  # a step still running may be replaying a graph
                 self.release_decode_graphs()
-            self.leader.shutdown(graceful=idle)
+            self.leader.shutdown(graceful=idle and graceful)
         finally:
             if idle:
                 self._step_lock.release()

@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 from pagedserve.backend.config import ParallelConfig
+from pagedserve.backend.errors import ModelLoadError
 
 # torch and the runner are imported where used, so `pagedserve --help` stays light.
 
@@ -146,6 +147,11 @@ def run_worker(spec: WorkerSpec) -> int:
 def _run_guarded(spec: WorkerSpec) -> int:
     try:
         return run_worker(spec)
+    except ModelLoadError as exc:  # rank 0 has the cause too and reports it in one line
+        logger.error("tensor-parallel rank %d failed to load: %s", spec.rank, exc)
+        logger.debug("the load's traceback", exc_info=exc)
+        _flush_logs()
+        os._exit(EXIT_FAILED)
     except Exception:
         logger.exception("tensor-parallel rank %d failed", spec.rank)
         _flush_logs()

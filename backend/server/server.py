@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pagedserve.backend.config import DEFAULT_MODEL_NAME, EngineConfig, ServerConfig
+from pagedserve.backend.server import security
 from pagedserve.backend.server.generation_service import add_generation_service
 from pagedserve.backend.server.state import ServerState
 from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
@@ -57,6 +58,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * _MS)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * _MS)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -90,7 +92,10 @@ class StartedServer:
 
 async def start_server(config: ServerConfig, state: ServerState) -> StartedServer:
     """Bind, register every service, start. Health says NOT_SERVING until ``mark_ready``."""
-    server = grpc.aio.server(options=grpc_options(config))
+    credentials = security.server_credentials(config)  # TLS files checked before anything
+    server = grpc.aio.server(
+        options=grpc_options(config), interceptors=security.server_interceptors(config)
+    )
     names = add_generation_service(server, state)
     for module_name, function_name in SERVICE_PLUGINS:
         if importlib.util.find_spec(module_name) is None:
@@ -104,9 +109,17 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
         await state.register_health_service(name)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    try:
+        port = (
+            server.add_insecure_port(address)
+            if credentials is None
+            else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError as error:  # grpc's "Failed to bind to address"
+        raise OSError(f"cannot listen on {address}: {error}") from None
     if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+        raise OSError(f"cannot listen on {address} (in use, or not this machine's address)")
     await server.start()
     logger.info("listening on %s:%d (%s)", config.host, port, ", ".join(names))
     return StartedServer(server, state, port, names)
@@ -131,9 +144,11 @@ def wants_engine_process(config: ServerConfig, engine_config: EngineConfig) -> b
 
 
 async def load_engine(
-    state: ServerState, engine_config: EngineConfig, config: ServerConfig
+    state: ServerState, engine_config: EngineConfig, config: ServerConfig, stop: asyncio.Event
 ) -> None:
-    """Load in a worker thread (the event loop keeps answering), warm up, mark ready."""
+    """Load in a worker thread (the event loop keeps answering), warm up, mark ready. A
+    failure is one log line (the traceback at debug level) and, with ``exit_on_load_error``,
+    the end of the server."""
     from pagedserve.backend.engine.client import EngineClient
 
     try:
@@ -145,9 +160,16 @@ async def load_engine(
         )
         if config.warmup:
             await warm_up(engine)
-    except Exception as error:  # the server keeps answering UNAVAILABLE with the reason
-        logger.exception("model failed to load")
-        await state.mark_failed(f"{type(error).__name__}: {error}")
+    except Exception as error:
+        cause = f"{type(error).__name__}: {error}"
+        logger.debug("model failed to load", exc_info=error)
+        await state.mark_failed(cause)
+        if config.exit_on_load_error:
+            state.fatal = f"the model failed to load: {cause}"
+            logger.error("%s; exiting", state.fatal)
+            stop.set()
+        else:  # the server keeps answering UNAVAILABLE with the reason
+            logger.error("the model failed to load: %s (still listening: --exit-on-load-error)", cause)
         return
     state.telemetry.attach(engine)
     await state.mark_ready(engine)
@@ -168,7 +190,8 @@ async def run_server(
     ``telemetry`` defaults to what ``config.telemetry`` and the OTEL_* variables ask for.
 
     Returns the exit code: 0 after a drain (streams cut at its deadline included), 1 when the
-    model failed to load. A second SIGTERM/SIGINT exits at once with 128 + the signal number.
+    model failed to load or the engine died (``state.fatal`` says why). A second SIGTERM/SIGINT
+    exits at once with 128 + the signal number.
     """
     stop = stop or asyncio.Event()
     if handle_signals:
@@ -185,14 +208,15 @@ async def run_server(
         raise
     if on_started is not None:
         on_started(started)
-    loader = asyncio.create_task(load_engine(state, engine_config, config))
-    monitor = asyncio.create_task(watch_engine(state, config.engine_check_interval_s))
+    loader = asyncio.create_task(load_engine(state, engine_config, config, stop))
+    monitor = asyncio.create_task(watch_engine(state, config.engine_check_interval_s, stop))
     try:
         await stop.wait()
     finally:
         monitor.cancel()
-        await drain(started, loader, config.drain_timeout_s)
-    return 1 if state.load_error is not None else 0
+        # Ending by itself, the server's last log line is the cause, not the drain's progress.
+        await drain(started, loader, config.drain_timeout_s, quiet=state.fatal is not None)
+    return 1 if state.load_error is not None or state.fatal is not None else 0
 
 
 def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -210,16 +234,23 @@ def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def watch_engine(state: ServerState, interval_s: float) -> None:
-    """Turn health NOT_SERVING if the engine loop dies (its error fails requests already)."""
+async def watch_engine(state: ServerState, interval_s: float, stop: asyncio.Event) -> None:
+    """When the engine dies (its error has failed its requests already): health NOT_SERVING,
+    one log line, and the server ends, so that whatever runs it starts a fresh one."""
     while True:
         await asyncio.sleep(interval_s)
-        if state.engine is not None and not state.engine.is_alive:
+        engine = state.engine
+        if engine is not None and not engine.is_alive:
+            state.fatal = f"the engine has stopped: {engine.failure or 'its loop ended'}"
+            logger.error("%s; exiting", state.fatal)
             await state.refresh()
+            stop.set()
             return
 
 
-async def drain(started: StartedServer, loader: asyncio.Task[None], timeout_s: float) -> None:
+async def drain(
+    started: StartedServer, loader: asyncio.Task[None], timeout_s: float, quiet: bool = False
+) -> None:
     """NOT_SERVING, refuse new RPCs, give in-flight ones ``timeout_s``, stop the engine.
 
     Requests still running at the deadline are aborted in the engine, so each stream ends with
@@ -227,7 +258,8 @@ async def drain(started: StartedServer, loader: asyncio.Task[None], timeout_s: f
     cut off mid-stream; only what has not finished ``_ABORT_FLUSH_S`` later is cancelled.
     """
     state = started.state
-    logger.info("draining: in-flight requests get up to %.0f s", timeout_s)
+    progress = logger.debug if quiet else logger.info
+    progress("draining: in-flight requests get up to %.0f s", timeout_s)
     await state.mark_draining()
     # Stopping closes the listener and sends GOAWAY at once; open RPCs keep running.
     stopping = asyncio.ensure_future(started.server.stop(grace=timeout_s + _ABORT_FLUSH_S))
@@ -251,7 +283,7 @@ async def drain(started: StartedServer, loader: asyncio.Task[None], timeout_s: f
         await asyncio.to_thread(state.engine.shutdown)
     # Last: the engine's final deltas are in, so every request span can end and be exported.
     await asyncio.to_thread(state.telemetry.shutdown)
-    logger.info("stopped")
+    progress("stopped")
 
 
 class BackgroundServer:
@@ -334,6 +366,15 @@ class BackgroundServer:
         except BaseException as error:  # surfaced by start()/stop()
             self._error = error
             self._started.set()
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """Wait for the server to end by itself (a failed load, a dead engine); its exit
+        code, or None if it still runs after ``timeout_s``."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return None
+        return self.exit_code
 
     def stop(self, timeout_s: float = 60.0) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():

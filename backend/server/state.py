@@ -39,6 +39,9 @@ class ServerState:
     engine: EngineClient | None = None
     draining: bool = False
     load_error: str | None = None
+    # Why the server is ending by itself (the model failed to load, the engine died): its
+    # exit status is then 1 and this is its last word.
+    fatal: str | None = None
     # Fully qualified service names whose health status follows the serving phase.
     health_services: list[str] = field(default_factory=lambda: [""])
     # Traces and metrics (backend/telemetry): services open their RPC spans through it.

@@ -85,17 +85,38 @@ class ServerTelemetry:
         return self._tracer is not None
 
     def start(self) -> None:
-        """Bind the metrics endpoint (OSError if the port is taken) and start the thread."""
+        """Bind the metrics endpoint (OSError if the port is taken, SecurityConfigError for bad
+        TLS files) and start the thread."""
         if self.metrics is not None:
             from prometheus_client import start_http_server
 
+            from pagedserve.backend.server import security
+
             port = self.config.metrics_port
+            host = self.config.metrics_host
             assert port is not None
-            self._http, _ = start_http_server(
-                port, addr=self.config.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                if security.metrics_secured(self.config):
+                    self._http = security.start_metrics_server(
+                        self.metrics.registry, self.config, host, port
+                    )
+                else:
+                    self._http, _ = start_http_server(
+                        port, addr=host, registry=self.metrics.registry
+                    )
+            except OSError as error:
+                raise OSError(
+                    f"cannot serve metrics on {host}:{port}: "
+                    f"{error.strerror or error} (--metrics-port; 0 picks a free port)"
+                ) from None
             self.metrics_port = self._http.server_port
-            logger.info("metrics on %s:%d", self.config.metrics_host, self.metrics_port)
+            logger.info(
+                "metrics on %s://%s:%d%s",
+                "https" if self.config.metrics_ssl_certfile is not None else "http",
+                host,
+                self.metrics_port,
+                " (API key required)" if self.config.metrics_api_key is not None else "",
+            )
         if self._observer is not None:
             self._observer.start()
         if self.tracing:

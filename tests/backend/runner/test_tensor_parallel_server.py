@@ -29,7 +29,7 @@ from tests.backend.runner.tp_harness import (
     mixed_prompts,
     worker_children,
 )
-from tests.backend.server.harness import running_server, wait_for
+from tests.backend.server.harness import health_or_gone, running_server, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,6 +39,9 @@ LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT_S = 120.0
 # A dead worker must fail the stream and the health well inside this.
 DEATH_NOTICED_S = 10.0
+# The server ends by itself after a dead rank: the engine check, then a drain of at most
+# the harness's drain_timeout_s (5 s).
+SELF_EXIT_S = 30.0
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +103,15 @@ def test_server_streams_tp1_tokens_then_fails_cleanly_when_a_worker_dies(
             assert time.monotonic() - start < DEATH_NOTICED_S
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"rank 1 (pid {pid}) exited with code -9" in info.value.details()
-            wait_for(lambda: client.health() == NOT_SERVING, DEATH_NOTICED_S, "NOT_SERVING")
+            wait_for(
+                lambda: health_or_gone(client) in (NOT_SERVING, None), DEATH_NOTICED_S,
+                "NOT_SERVING",
+            )
             with pytest.raises(grpc.RpcError) as info:
                 client.complete("Anyone?", max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A dead rank ends the server, so that its orchestrator starts a fresh one.
+        assert server.wait_exit(SELF_EXIT_S) == 1
 
 
 def _serve(

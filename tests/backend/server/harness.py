@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfig
@@ -33,16 +34,21 @@ def running_server(
     *,
     warmup: bool = True,
     engine_process: bool | None = None,
+    server_options: Mapping[str, Any] | None = None,
+    telemetry_options: Mapping[str, Any] | None = None,
     **engine_kwargs: Any,
 ) -> Iterator[BackgroundServer]:
-    """A started and ready server on an ephemeral loopback port."""
+    """A started and ready server on an ephemeral loopback port; ``server_options`` and
+    ``telemetry_options`` are ServerConfig and TelemetryConfig fields."""
     config = EngineConfig.from_kwargs(
         model=None if model_dir is None else str(model_dir), **engine_kwargs
     )
     server_config = ServerConfig(
         host="127.0.0.1", port=0, drain_timeout_s=5.0, warmup=warmup,
         engine_process=engine_process,
-        telemetry=TelemetryConfig(metrics_port=0),  # metrics on a free port, not 8002
+        # Metrics on a free port, not 8002.
+        telemetry=TelemetryConfig(metrics_port=0, **(telemetry_options or {})),
+        **(server_options or {}),
     )
     server = BackgroundServer(server_config, config)
     server.start()
@@ -70,6 +76,15 @@ def gated_model_loading(
         yield gate
     finally:
         gate.set()
+
+
+def health_or_gone(client: GenerationClient) -> int | None:
+    """Health, or None once the server (ending by itself, say after its engine died) no
+    longer answers."""
+    try:
+        return client.health()
+    except grpc.RpcError:
+        return None
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

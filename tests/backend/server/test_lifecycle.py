@@ -21,7 +21,13 @@ from pagedserve.backend.config import EngineConfig, ServerConfig, TelemetryConfi
 from pagedserve.backend.server.generation_service import SERVICE_NAME
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
-from tests.backend.server.harness import TINY_ENGINE, SlowSteps, gated_model_loading, wait_for
+from tests.backend.server.harness import (
+    TINY_ENGINE,
+    SlowSteps,
+    gated_model_loading,
+    health_or_gone,
+    wait_for,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -88,8 +94,25 @@ def test_reflection_lists_the_services(tiny_server: BackgroundServer) -> None:
         assert methods == {"Generate", "Complete", "Tokenize", "GetModelInfo", "GetLoad"}
 
 
-def test_failed_load_keeps_answering_unavailable(tmp_path: Path) -> None:
+# A server ending by itself drains for at most drain_timeout_s (5 s here) after the engine
+# check (50 ms here) or the failed load; loading the tiny model's tokenizer takes seconds.
+SELF_EXIT_S = 30.0
+
+
+def test_failed_load_ends_the_server_with_its_cause(tmp_path: Path) -> None:
     server = _server(tmp_path / "no-such-model")
+    server.start()
+    try:
+        assert server.wait_exit(SELF_EXIT_S) == 1
+        assert server.state.fatal is not None
+        assert server.state.fatal.startswith("the model failed to load: ModelLoadError")
+        assert "no-such-model" in server.state.fatal
+    finally:
+        server.stop()
+
+
+def test_failed_load_keeps_answering_unavailable_when_asked_to(tmp_path: Path) -> None:
+    server = _server(tmp_path / "no-such-model", exit_on_load_error=False)
     server.start()
     try:
         with GenerationClient(server.address) as client:
@@ -99,12 +122,13 @@ def test_failed_load_keeps_answering_unavailable(tmp_path: Path) -> None:
                 client.complete("Hi", max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "failed to load" in info.value.details()
+            assert server.wait_exit(1.0) is None  # still listening
     finally:
         server.stop()
-    assert server.exit_code == 1
+    assert server.exit_code == 1 and server.state.fatal is None
 
 
-def test_dead_engine_turns_health_not_serving(tiny_llama_dir: Path) -> None:
+def test_dead_engine_turns_health_not_serving_and_ends_the_server(tiny_llama_dir: Path) -> None:
     with _server(tiny_llama_dir, engine_check_interval_s=0.05) as server:
         server.wait_ready()
         with GenerationClient(server.address) as client:
@@ -112,15 +136,23 @@ def test_dead_engine_turns_health_not_serving(tiny_llama_dir: Path) -> None:
             engine = server.state.engine
             assert engine is not None
             engine.shutdown()
-            wait_for(lambda: client.health() == NOT_SERVING, 5, "health to follow the engine")
+            wait_for(
+                lambda: health_or_gone(client) in (NOT_SERVING, None), 5,
+                "health to follow the engine",
+            )
             with pytest.raises(grpc.RpcError) as info:
                 client.complete("Hi", max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.wait_exit(SELF_EXIT_S) == 1
+        assert server.state.fatal == "the engine has stopped: the engine has shut down"
 
 
-def test_a_killed_engine_process_fails_streams_unavailable_and_health(tiny_llama_dir: Path) -> None:
+def test_a_killed_engine_process_fails_streams_unavailable_and_ends_the_server(
+    tiny_llama_dir: Path,
+) -> None:
     """With the engine in its own process, its death reaches clients as UNAVAILABLE (another
-    replica can serve them) and health turns NOT_SERVING; the server process lives on."""
+    replica can serve them), health turns NOT_SERVING and the server ends with exit code 1, so
+    that its orchestrator starts a fresh one."""
     with _server(tiny_llama_dir, engine_check_interval_s=0.05, engine_process=True) as server:
         server.wait_ready()
         engine = server.state.engine
@@ -134,10 +166,15 @@ def test_a_killed_engine_process_fails_streams_unavailable_and_health(tiny_llama
                 list(stream)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "exited unexpectedly" in info.value.details()
-            wait_for(lambda: client.health() == NOT_SERVING, 5, "health to follow the engine")
+            wait_for(
+                lambda: health_or_gone(client) in (NOT_SERVING, None), 5,
+                "health to follow the engine",
+            )
             with pytest.raises(grpc.RpcError) as info:
                 client.complete("Hi", max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.wait_exit(SELF_EXIT_S) == 1
+        assert server.state.fatal is not None and "exited unexpectedly" in server.state.fatal
 
 
 def _accepts_connections(address: str) -> bool:

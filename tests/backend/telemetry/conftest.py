@@ -59,8 +59,13 @@ class TracedServer:
 
 @contextmanager
 def traced_server(
-    model_dir: Path, *, engine_process: bool | None = None, **engine_kwargs: Any
+    model_dir: Path,
+    *,
+    engine_process: bool | None = None,
+    server_options: dict[str, Any] | None = None,
+    **engine_kwargs: Any,
 ) -> Iterator[TracedServer]:
+    """``server_options``: more ServerConfig fields."""
     exporter = InMemorySpanExporter()
     provider = new_tracer_provider(SimpleSpanProcessor(exporter))
     config = TelemetryConfig(metrics_port=0)
@@ -68,7 +73,7 @@ def traced_server(
     server = BackgroundServer(
         ServerConfig(
             host="127.0.0.1", port=0, drain_timeout_s=5.0, telemetry=config,
-            engine_process=engine_process,
+            engine_process=engine_process, **(server_options or {}),
         ),
         EngineConfig.from_kwargs(model=str(model_dir), **{**TINY_ENGINE, **engine_kwargs}),
         telemetry=telemetry,
