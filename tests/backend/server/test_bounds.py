@@ -143,10 +143,11 @@ def test_a_connection_runs_at_most_its_stream_limit_at_once(bounded: BackgroundS
 # nothing taken off the socket. The server keeps each stream's unsent output merged in one
 # pending message (at most max_tokens' text and ids, ~20 KB) and gRPC's flow control stops its
 # writes (a window of 64 KB per stream): about 3 MB for all of them. The bound leaves room for
-# the allocator (its noise measured 0.5-14 MB between runs); keeping a copy of a stream's text
-# per step, say, adds ~100 MB (measured: 104 MB).
+# the allocator (its noise measured 0.5-14 MB between runs on an idle machine, up to 37 MB with
+# other test servers busy on the same two cores); keeping a copy of a stream's text per step,
+# say, adds ~100 MB (measured: 104 MB).
 NEVER_READ_STREAMS, NEVER_READ_TOKENS = 32, 480
-RSS_GROWTH_BOUND = 32 * 1024 * 1024
+RSS_GROWTH_BOUND = 64 * 1024 * 1024
 
 
 def test_readers_that_never_read_do_not_grow_the_server_without_bound(
