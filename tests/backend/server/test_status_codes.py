@@ -106,6 +106,21 @@ def test_duplicate_live_request_id_is_invalid(
     wait_for(lambda: all_blocks_free(client), 5.0, "the cancelled request's blocks")
 
 
+@pytest.mark.parametrize(("piece", "length"), [("m", 20_000), ("m", 1_000_000), ("\u00e9", 3000)])
+def test_error_quoting_a_huge_value_still_reaches_the_client(
+    client: GenerationClient, piece: str, length: int
+) -> None:
+    """Details travel in a percent-encoded trailer that clients cap at 8-16 KiB; a message
+    quoting the client's value in full would end the call with the client's own
+    RESOURCE_EXHAUSTED instead (3000 "é" are 18 KiB encoded)."""
+    request = pb.GenerateRequest(prompt="hi", model=piece * length, max_tokens=2)
+    for _ in range(10):  # over 8 KiB a client refuses at random
+        error = _expect(grpc.StatusCode.NOT_FOUND, lambda: client.stub.Complete(request))
+        details = error.details()
+        assert details.startswith(f"model: '{piece * 3}") and len(details) < 4096, details[:200]
+        assert "more characters" in details
+
+
 def _raw_prompt_request(prompt: bytes) -> bytes:
     """A GenerateRequest serialized by hand, its prompt field holding arbitrary bytes."""
     assert len(prompt) < 128  # one-byte length varint
