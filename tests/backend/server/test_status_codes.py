@@ -186,6 +186,19 @@ def test_garbage_bytes_are_invalid_argument(tiny_server: BackgroundServer) -> No
     assert error.details().startswith("request:")
 
 
+@pytest.mark.parametrize("method", ["GetModelInfo", "GetLoad"])
+def test_garbage_bytes_to_the_read_only_methods_are_invalid_argument(
+    tiny_server: BackgroundServer, method: str
+) -> None:
+    """Their requests have no fields, but bytes that do not parse are still the client's
+    mistake, answered as for every other method."""
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        call = channel.unary_unary(f"/pagedserve.v1.GenerationService/{method}")
+        error = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: call(b"\x1a\x50ab"))
+        assert error.details().startswith("request:")
+        assert call(b"")  # the empty request still answers
+
+
 @pytest.fixture
 def poisoned(tiny_server: BackgroundServer) -> Iterator[str]:
     """Output processing raises for one request id only, inside the real engine step."""
