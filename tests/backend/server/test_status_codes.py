@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
@@ -197,6 +199,35 @@ def test_garbage_bytes_to_the_read_only_methods_are_invalid_argument(
         error = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: call(b"\x1a\x50ab"))
         assert error.details().startswith("request:")
         assert call(b"")  # the empty request still answers
+
+
+def test_garbage_bytes_to_health_and_reflection_are_invalid_argument(
+    tiny_server: BackgroundServer,
+) -> None:
+    garbage = b"\x1a\x50ab"
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        for call in (lambda: check(garbage), lambda: list(watch(garbage, timeout=10))):
+            error = _expect(grpc.StatusCode.INVALID_ARGUMENT, call)
+            assert error.details().startswith("request:")
+        huge = health_pb2.HealthCheckRequest(service="s" * 100_000).SerializeToString()
+        error = _expect(grpc.StatusCode.NOT_FOUND, lambda: check(huge))
+        assert error.details().startswith("unknown service 'sss") and len(error.details()) < 4096
+
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        listing = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        replies: list[bytes] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in reflect(iter([listing, garbage]), timeout=10):
+                replies.append(reply)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        services = reflection_pb2.ServerReflectionResponse.FromString(replies[0])
+        assert "pagedserve.v1.GenerationService" in {
+            s.name for s in services.list_services_response.service
+        }
 
 
 @pytest.fixture
