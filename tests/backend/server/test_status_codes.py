@@ -45,6 +45,8 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "hi", "logprobs": -1}, "logprobs"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": ""}, "prompt"),
+    # Control characters the tokenizer drops: a prompt of no tokens.
+    ({"prompt": "\x04\x06"}, "prompt"),
     ({"prompt": "word " * (MAX_MODEL_LEN + 10)}, "prompt"),
     ({"prompt_token_ids": []}, "prompt_token_ids"),
     ({"prompt_token_ids": [5, -1]}, "prompt_token_ids"),
