@@ -25,12 +25,17 @@ MAX_MODEL_LEN = 1024  # its context
 INVALID: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "hi", "temperature": -0.5}, "temperature"),
     ({"prompt": "hi", "temperature": math.nan}, "temperature"),
+    # Beyond float32, where the sampler would hold it as inf.
+    ({"prompt": "hi", "temperature": math.inf}, "temperature"),
+    ({"prompt": "hi", "temperature": 1e39}, "temperature"),
     ({"prompt": "hi", "top_p": 0.0}, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "hi", "top_k": 0}, "top_k"),
     ({"prompt": "hi", "top_k": -2}, "top_k"),
     ({"prompt": "hi", "min_p": 1.5}, "min_p"),
     ({"prompt": "hi", "repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"prompt": "hi", "repetition_penalty": math.inf}, "repetition_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 1e39}, "repetition_penalty"),
     ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "hi", "frequency_penalty": -2.5}, "frequency_penalty"),
     ({"prompt": "hi", "seed": -1}, "seed"),
