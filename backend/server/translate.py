@@ -79,7 +79,10 @@ def _typed_int(value: object) -> int:
 
 def _typed_float(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range (JSON integers have no bound)
+            raise ValueError(value) from None
     raise ValueError(value)
 
 

@@ -372,6 +372,8 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
                                       + "}"), "not valid JSON"),
     ("long number", lambda: make_inputs("Hi", sampling='{"max_tokens": ' + "9" * 5000 + "}"),
      "not valid JSON"),
+    ("integer past float",
+     lambda: make_inputs("Hi", sampling='{"temperature": ' + "9" * 400 + "}"), "temperature"),
 ]
 
 

@@ -93,6 +93,8 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("stop_token_ids", 5),
     # JSON text nested deeper than the parser's stack (a RecursionError inside json.loads).
     ("stop_token_ids", "[" * 50_000 + "]" * 50_000),
+    # An integer past float's range (float() raises OverflowError).
+    ("temperature", 10**400),
 ]
 
 
