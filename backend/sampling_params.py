@@ -8,6 +8,11 @@ from pagedserve.backend.errors import InvalidRequestError
 
 # Largest number of top logprobs a request may ask for per token.
 MAX_LOGPROBS = 20
+# The sampler works in float32 and int64 tensors: a temperature or penalty beyond float32's
+# range would become inf there, a top_k past int64 would not convert at all (the whole step
+# would fail). top_k keeps to the native API's int32 field on every front.
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass
@@ -64,17 +69,22 @@ class SamplingParams:
         """Raise InvalidRequestError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be at least 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature <= FLOAT32_MAX:  # also rejects NaN and inf
+            raise InvalidRequestError(
+                "temperature", f"must be >= 0 and at most {FLOAT32_MAX:.4g}, got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
-            raise InvalidRequestError("top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
+        if not isinstance(self.top_k, int) or self.top_k == 0 or not -1 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequestError(
+                "top_k", f"must be -1 (off) or in [1, {MAX_TOP_K}], got {self.top_k}"
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0.0:
+        if not 0.0 < self.repetition_penalty <= FLOAT32_MAX:
             raise InvalidRequestError(
-                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
+                "repetition_penalty",
+                f"must be > 0 and at most {FLOAT32_MAX:.4g}, got {self.repetition_penalty}",
             )
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise InvalidRequestError(

@@ -257,6 +257,8 @@ class RequestBuilder:
             if prompt is None or prompt == "":
                 raise InvalidRequestError("prompt", "must not be empty")
             prompt_token_ids = self.tokenize(prompt)
+            if not prompt_token_ids:  # e.g. only control characters the tokenizer drops
+                raise InvalidRequestError("prompt", "tokenizes to no tokens")
         else:
             prompt_token_ids = list(prompt_token_ids)
             if not prompt_token_ids:

@@ -316,9 +316,13 @@ class GenerationServicer:
             await _abort(context, error)
 
     async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetModelInfoRequest | UndecodableRequest,
+        context: grpc.aio.ServicerContext,
     ) -> pb.GetModelInfoResponse:
         try:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidArgumentError(request.field, request.reason)
             engine = self._loaded_engine()
         except Exception as error:
             await _abort(context, error)
@@ -336,9 +340,11 @@ class GenerationServicer:
         )
 
     async def GetLoad(
-        self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetLoadRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetLoadResponse:
         try:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidArgumentError(request.field, request.reason)
             load = self._loaded_engine().get_load()
         except Exception as error:
             await _abort(context, error)
@@ -364,8 +370,9 @@ def _request_id(request: pb.GenerateRequest | UndecodableRequest) -> str:
 def add_generation_service(server: grpc.aio.Server, state: ServerState) -> list[str]:
     """Register the service on ``server``; returns its name (for reflection and health).
 
-    Built by hand rather than with the generated ``add_..._to_server`` so requests carrying
-    strings use the tolerant deserializer (invalid UTF-8 -> INVALID_ARGUMENT, not a crash).
+    Built by hand rather than with the generated ``add_..._to_server`` so every request uses
+    the tolerant deserializer (invalid UTF-8 or unparsable bytes -> INVALID_ARGUMENT, not a
+    crash).
     """
     servicer = GenerationServicer(state)
     generate_request = tolerant_deserializer(pb.GenerateRequest)
@@ -387,12 +394,12 @@ def add_generation_service(server: grpc.aio.Server, state: ServerState) -> list[
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo,
-            request_deserializer=pb.GetModelInfoRequest.FromString,
+            request_deserializer=tolerant_deserializer(pb.GetModelInfoRequest),
             response_serializer=pb.GetModelInfoResponse.SerializeToString,
         ),
         "GetLoad": grpc.unary_unary_rpc_method_handler(
             servicer.GetLoad,
-            request_deserializer=pb.GetLoadRequest.FromString,
+            request_deserializer=tolerant_deserializer(pb.GetLoadRequest),
             response_serializer=pb.GetLoadResponse.SerializeToString,
         ),
     }

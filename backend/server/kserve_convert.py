@@ -166,7 +166,9 @@ def _sampling_values_from_parameters(parameters: Mapping[str, Any]) -> dict[str,
 def _sampling_values_from_json(raw: bytes) -> dict[str, Any]:
     try:
         values = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    # ValueError: also a number of more digits than Python converts (4300); RecursionError:
+    # arrays or objects nested deeper than the parser's stack.
+    except (ValueError, RecursionError) as error:
         raise InvalidRequestError(SAMPLING_PARAMETERS, f"is not valid JSON: {error}") from None
     if not isinstance(values, dict):
         raise InvalidRequestError(

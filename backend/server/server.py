@@ -20,19 +20,21 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pagedserve.backend.config import DEFAULT_MODEL_NAME, EngineConfig, ServerConfig
 from pagedserve.backend.server import security
 from pagedserve.backend.server.generation_service import add_generation_service
+from pagedserve.backend.server.health import add_health_service
 from pagedserve.backend.server.state import ServerState
+from pagedserve.backend.server.wire import UndecodableRequest, tolerant_deserializer
 from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
 
 if TYPE_CHECKING:
@@ -104,11 +106,11 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
             importlib.import_module(module_name), function_name
         )
         names.extend(add_service(server, state))
-    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
+    add_health_service(server, state.health)
     for name in names:
         await state.register_health_service(name)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    add_reflection_service(server, [*names, health_name, reflection.SERVICE_NAME])
     address = f"{config.host}:{config.port}"
     try:
         port = (
@@ -123,6 +125,43 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
     await server.start()
     logger.info("listening on %s:%d (%s)", config.host, port, ", ".join(names))
     return StartedServer(server, state, port, names)
+
+
+def add_reflection_service(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    """grpc's reflection servicer behind the tolerant deserializer: a message that does not
+    parse ends the call with INVALID_ARGUMENT, not the generated handler's UNKNOWN."""
+    servicer = reflection.aio.ReflectionServicer(names)
+
+    async def info(
+        requests: AsyncIterator[reflection_pb2.ServerReflectionRequest | UndecodableRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        async def parsed() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            async for request in requests:
+                if isinstance(request, UndecodableRequest):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: {request.reason}"
+                    )
+                    raise AssertionError("context.abort returned")  # it raises
+                yield request
+
+        # An async generator; the stubs declare it as a coroutine returning an iterable.
+        responses = cast(
+            AsyncIterator[reflection_pb2.ServerReflectionResponse],
+            servicer.ServerReflectionInfo(parsed(), context),
+        )
+        async for response in responses:
+            yield response
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        info,
+        request_deserializer=tolerant_deserializer(reflection_pb2.ServerReflectionRequest),
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(reflection.SERVICE_NAME,
+                                              {"ServerReflectionInfo": handler}),)
+    )
 
 
 async def warm_up(engine: EngineClient) -> None:

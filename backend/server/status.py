@@ -55,8 +55,29 @@ _ENGINE_ERROR_CODES: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] =
 )
 
 
+# Details travel in a trailer, percent-encoded (up to 3 bytes for each byte of UTF-8), and gRPC
+# clients refuse trailers over 8 KiB (at random) to 16 KiB (always): the call would end with the
+# client's own RESOURCE_EXHAUSTED ("Stream removed") instead of this answer. A message quoting
+# what the client sent (a model name, a parameter's value) is cut to this many UTF-8 bytes.
+MAX_DETAILS_BYTES = 2048
+
+
+def bounded_details(details: str) -> str:
+    """``details`` cut to MAX_DETAILS_BYTES of UTF-8; the start, which names the field, stays."""
+    encoded = details.encode("utf-8", "replace")
+    if len(encoded) <= MAX_DETAILS_BYTES:
+        return details
+    kept = encoded[:MAX_DETAILS_BYTES].decode("utf-8", "ignore")
+    return f"{kept}... ({len(details) - len(kept)} more characters)"
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and details a client should see for ``error``."""
+    code, details = _status_for(error)
+    return code, bounded_details(details)
+
+
+def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, RpcStatusError):
         return error.code, error.details
     for kind, code in _ENGINE_ERROR_CODES:

@@ -79,7 +79,10 @@ def _typed_int(value: object) -> int:
 
 def _typed_float(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range (JSON integers have no bound)
+            raise ValueError(value) from None
     raise ValueError(value)
 
 
@@ -137,7 +140,10 @@ def _text_bool(value: object) -> bool:
 def _text_int_list(value: object) -> list[int]:
     """Also a list written as JSON text: a request parameter cannot carry a list otherwise."""
     if isinstance(value, str):
-        value = json.loads(value)  # JSONDecodeError is a ValueError
+        try:
+            value = json.loads(value)  # JSONDecodeError is a ValueError
+        except RecursionError:  # nested deeper than the parser's stack
+            raise ValueError(value) from None
     if isinstance(value, (list, tuple)):
         return [_text_int(v) for v in value]
     raise ValueError(value)

@@ -208,6 +208,12 @@ def test_protocol_parameters_are_not_sampling_parameters() -> None:
         ({"stop": 3}, "stop"),
         ({"stop_token_ids": "x"}, "stop_token_ids"),
         ({"best_of": 2}, "best_of"),
+        # Nested deeper than the JSON parser's stack, and a number of more digits than
+        # Python converts from text: not JSON this server reads, not a server failure.
+        ("[" * 50_000 + "]" * 50_000, "sampling_parameters"),
+        ('{"stop_token_ids": ' + "[" * 50_000 + "]" * 50_000 + "}", "sampling_parameters"),
+        ('{"a": ' * 50_000 + "1" + "}" * 50_000, "sampling_parameters"),
+        ('{"max_tokens": ' + "9" * 5000 + "}", "sampling_parameters"),
     ],
 )
 def test_bad_sampling_parameters_name_the_field(sampling: Any, field: str) -> None:

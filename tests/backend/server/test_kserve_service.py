@@ -361,6 +361,19 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("bad value", lambda: make_inputs("Hi", sampling={"max_tokens": "lots"}), "max_tokens"),
     ("invalid value", lambda: make_inputs("Hi", sampling={"temperature": -1}), "temperature"),
     ("unknown parameter", lambda: make_inputs("Hi", sampling={"beam_width": 2}), "beam_width"),
+    # Past what the sampler's int64 and float32 tensors hold (top_k failed the whole step).
+    ("top_k past int64",
+     lambda: make_inputs("Hi", sampling={"top_k": 2**63, "temperature": 1.0, "max_tokens": 2}),
+     "top_k"),
+    ("temperature past float32",
+     lambda: make_inputs("Hi", sampling={"temperature": 1e39, "max_tokens": 2}), "temperature"),
+    # JSON the parser cannot hold: nested past its stack, a number of 5000 digits.
+    ("deep JSON", lambda: make_inputs("Hi", sampling='{"stop": ' + "[" * 50_000 + "]" * 50_000
+                                      + "}"), "not valid JSON"),
+    ("long number", lambda: make_inputs("Hi", sampling='{"max_tokens": ' + "9" * 5000 + "}"),
+     "not valid JSON"),
+    ("integer past float",
+     lambda: make_inputs("Hi", sampling='{"temperature": ' + "9" * 400 + "}"), "temperature"),
 ]
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import GenerationClient
@@ -23,12 +25,17 @@ MAX_MODEL_LEN = 1024  # its context
 INVALID: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "hi", "temperature": -0.5}, "temperature"),
     ({"prompt": "hi", "temperature": math.nan}, "temperature"),
+    # Beyond float32, where the sampler would hold it as inf.
+    ({"prompt": "hi", "temperature": math.inf}, "temperature"),
+    ({"prompt": "hi", "temperature": 1e39}, "temperature"),
     ({"prompt": "hi", "top_p": 0.0}, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "hi", "top_k": 0}, "top_k"),
     ({"prompt": "hi", "top_k": -2}, "top_k"),
     ({"prompt": "hi", "min_p": 1.5}, "min_p"),
     ({"prompt": "hi", "repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"prompt": "hi", "repetition_penalty": math.inf}, "repetition_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 1e39}, "repetition_penalty"),
     ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "hi", "frequency_penalty": -2.5}, "frequency_penalty"),
     ({"prompt": "hi", "seed": -1}, "seed"),
@@ -43,6 +50,8 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "hi", "logprobs": -1}, "logprobs"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": ""}, "prompt"),
+    # Control characters the tokenizer drops: a prompt of no tokens.
+    ({"prompt": "\x04\x06"}, "prompt"),
     ({"prompt": "word " * (MAX_MODEL_LEN + 10)}, "prompt"),
     ({"prompt_token_ids": []}, "prompt_token_ids"),
     ({"prompt_token_ids": [5, -1]}, "prompt_token_ids"),
@@ -104,6 +113,21 @@ def test_duplicate_live_request_id_is_invalid(
         assert error.details().startswith("request_id:")
         first.cancel()
     wait_for(lambda: all_blocks_free(client), 5.0, "the cancelled request's blocks")
+
+
+@pytest.mark.parametrize(("piece", "length"), [("m", 20_000), ("m", 1_000_000), ("\u00e9", 3000)])
+def test_error_quoting_a_huge_value_still_reaches_the_client(
+    client: GenerationClient, piece: str, length: int
+) -> None:
+    """Details travel in a percent-encoded trailer that clients cap at 8-16 KiB; a message
+    quoting the client's value in full would end the call with the client's own
+    RESOURCE_EXHAUSTED instead (3000 "é" are 18 KiB encoded)."""
+    request = pb.GenerateRequest(prompt="hi", model=piece * length, max_tokens=2)
+    for _ in range(10):  # over 8 KiB a client refuses at random
+        error = _expect(grpc.StatusCode.NOT_FOUND, lambda: client.stub.Complete(request))
+        details = error.details()
+        assert details.startswith(f"model: '{piece * 3}") and len(details) < 4096, details[:200]
+        assert "more characters" in details
 
 
 def _raw_prompt_request(prompt: bytes) -> bytes:
@@ -169,6 +193,48 @@ def test_garbage_bytes_are_invalid_argument(tiny_server: BackgroundServer) -> No
         )
         error = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: complete(b"\x1a\x50ab"))
     assert error.details().startswith("request:")
+
+
+@pytest.mark.parametrize("method", ["GetModelInfo", "GetLoad"])
+def test_garbage_bytes_to_the_read_only_methods_are_invalid_argument(
+    tiny_server: BackgroundServer, method: str
+) -> None:
+    """Their requests have no fields, but bytes that do not parse are still the client's
+    mistake, answered as for every other method."""
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        call = channel.unary_unary(f"/pagedserve.v1.GenerationService/{method}")
+        error = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: call(b"\x1a\x50ab"))
+        assert error.details().startswith("request:")
+        assert call(b"")  # the empty request still answers
+
+
+def test_garbage_bytes_to_health_and_reflection_are_invalid_argument(
+    tiny_server: BackgroundServer,
+) -> None:
+    garbage = b"\x1a\x50ab"
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        for call in (lambda: check(garbage), lambda: list(watch(garbage, timeout=10))):
+            error = _expect(grpc.StatusCode.INVALID_ARGUMENT, call)
+            assert error.details().startswith("request:")
+        huge = health_pb2.HealthCheckRequest(service="s" * 100_000).SerializeToString()
+        error = _expect(grpc.StatusCode.NOT_FOUND, lambda: check(huge))
+        assert error.details().startswith("unknown service 'sss") and len(error.details()) < 4096
+
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        listing = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        replies: list[bytes] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in reflect(iter([listing, garbage]), timeout=10):
+                replies.append(reply)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        services = reflection_pb2.ServerReflectionResponse.FromString(replies[0])
+        assert "pagedserve.v1.GenerationService" in {
+            s.name for s in services.list_services_response.service
+        }
 
 
 @pytest.fixture

@@ -91,6 +91,10 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("stop_token_ids", [2, "x"]),
     ("stop_token_ids", [True]),
     ("stop_token_ids", 5),
+    # JSON text nested deeper than the parser's stack (a RecursionError inside json.loads).
+    ("stop_token_ids", "[" * 50_000 + "]" * 50_000),
+    # An integer past float's range (float() raises OverflowError).
+    ("temperature", 10**400),
 ]
 
 
@@ -274,7 +278,26 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("stop", ["ok", ""]),
     ("stop_token_ids", [VOCAB]),
     ("logprobs", 21),
+    # Past what the sampler's float32 tensors hold.
+    ("temperature", 1e39),
+    ("repetition_penalty", float("inf")),
 ]
+
+
+@pytest.mark.parametrize("top_k", [2**31, 2**63, 2**64 - 1])
+def test_a_top_k_past_the_native_int32_is_refused_over_kserve(top_k: int) -> None:
+    """The native field is int32; KServe's JSON and uint64 parameters carry more, which the
+    sampler's int64 tensor could not even hold."""
+    as_json = parse_infer_request(_kserve_request({"top_k": top_k}), MODEL).params
+    request = _kserve_request({})
+    del request.inputs[1]
+    request.parameters["top_k"].uint64_param = top_k
+    as_parameter = parse_infer_request(request, MODEL).params
+    for params in (as_json, as_parameter):
+        assert params.top_k == top_k
+        with pytest.raises(InvalidRequestError) as info:
+            params.validate(VOCAB)
+        assert info.value.field == "top_k"
 
 
 @pytest.mark.parametrize(("field", "value"), OUT_OF_RANGE)
