@@ -43,7 +43,7 @@ from pagedserve.backend.runner.batch import (
 from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
 from pagedserve.backend.runner.graphs import DecodeGraphs
 from pagedserve.backend.runner.kv_cache import KVCacheShape, num_kv_blocks
-from pagedserve.backend.runner.sampler import DeviceSample, Sampler, SamplingBatch
+from pagedserve.backend.runner.sampler import DeviceSample, Sampler, uses_kernel
 from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 
 # How long shutdown waits for an in-flight step before stopping the workers without a word.
@@ -254,8 +254,9 @@ class ModelRunner:
 
     # -- execution -------------------------------------------------------------------------
     def generator_for(self, seed: int | None) -> torch.Generator | None:
-        """A request's own generator when it has a seed (same tokens whatever the batch)."""
-        if seed is None:
+        """A request's own generator when it has a seed (same tokens whatever the batch). The
+        Triton sampler keys its counters by the seed instead and needs none."""
+        if seed is None or uses_kernel(self.device):
             return None
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -273,7 +274,7 @@ class ModelRunner:
             if logits is None:
                 return LaunchedStep(None)
             assert sample_slots is not None  # rank 0 always has them
-            sampling = SamplingBatch.from_requests(samplers, logits.shape[-1], self.device)
+            sampling = self.sampler.batch(samplers, logits.shape[-1], self.device)
             sample = self.sampler.sample(logits, sampling)
             self.in_flight.store(sample_slots, sample.token_ids)
             sample.start_copy()

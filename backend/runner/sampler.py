@@ -1,21 +1,44 @@
 """Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds and logprobs.
 
-All filters run on the whole [rows, vocab] logits at once; only per-request seeded noise is drawn
-row by row (one vector per seeded request) so a seed gives the same tokens whatever else shares
-the batch. Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p,
-which needs no cumulative sum and no host round trip.
+On CUDA one Triton kernel (``kernels.sampling``) filters and draws every row without sorting the
+vocabulary; its noise is counter-based (Philox keyed by the request's seed, counting by token
+and output position), so a seed gives the same tokens whatever else shares the batch. The torch
+path (CPU) keeps the same kept-set definition with a sort, and draws seeded rows from their own
+``torch.Generator``. Both draw by the exponential race, argmax(p / E) with E ~ Exp(1), which
+needs no cumulative sum and no host round trip. Log-probabilities are computed only for the rows
+that ask for them.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.runner.batch import to_device
+from pagedserve.kernels.sampling import kept_threshold, sample_rows
+from pagedserve.kernels.triton_utils import HAS_TRITON
+
+_MASK64 = (1 << 64) - 1
+
+
+def uses_kernel(device: torch.device) -> bool:
+    """Whether rows on ``device`` are drawn by the Triton kernel (counter-based noise, no
+    per-request generator) rather than the torch path."""
+    return HAS_TRITON and device.type == "cuda"
+
+
+def seed_key(seed: int) -> int:
+    """A request seed spread over 63 bits (splitmix64's finaliser), the Philox key of its rows:
+    nearby seeds get unrelated keys."""
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
 class LogitsProcessor(Protocol):
@@ -73,6 +96,9 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # [N] int64, vocab size where off
     top_p: torch.Tensor | None  # [N] fp32
     min_p: torch.Tensor | None  # [N] fp32
+    # The kernel's counters: each row's Philox key and the index of the output token it draws.
+    keys: torch.Tensor | None  # [N] int64
+    positions: torch.Tensor | None  # [N] int64
     # Applied in order before temperature and filtering.
     processors: list[LogitsProcessor]
     generators: list[torch.Generator | None]
@@ -82,24 +108,38 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(
-        cls, requests: list[Request], vocab_size: int, device: torch.device
+        cls,
+        requests: list[Request],
+        vocab_size: int,
+        device: torch.device,
+        rng: random.Random | None = None,
     ) -> SamplingBatch:
+        """``rng`` draws the keys of unseeded rows (a fresh key per row and step)."""
         params = [r.params for r in requests]
         n = len(requests)
+        all_greedy = all(p.temperature == 0.0 for p in params)
+        temperature = top_k = top_p = min_p = keys = positions = None
+        if not all_greedy:
+            # Two copies to the device: the float parameters and the integer ones, packed.
+            rng = rng or random.Random()
+            floats = torch.tensor(
+                [[p.temperature for p in params], [p.top_p for p in params],
+                 [p.min_p for p in params]], dtype=torch.float32)
+            ints = torch.tensor(
+                [[p.top_k if p.top_k > 0 else vocab_size for p in params],
+                 [seed_key(p.seed) if p.seed is not None else rng.getrandbits(63) for p in params],
+                 [len(r.output_token_ids) + r.num_in_flight for r in requests]], dtype=torch.int64)
+            floats, ints = to_device(floats, device), to_device(ints, device)
+            temperature, keys, positions = floats[0], ints[1], ints[2]
+            if any(p.top_k > 0 for p in params):
+                top_k = ints[0]
+            if any(p.top_p < 1.0 for p in params):
+                top_p = floats[1]
+            if any(p.min_p > 0.0 for p in params):
+                min_p = floats[2]
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return to_device(torch.tensor(values, dtype=dtype), device)
-
-        all_greedy = all(p.temperature == 0.0 for p in params)
-        temperature = top_k = top_p = min_p = None
-        if not all_greedy:
-            temperature = column([p.temperature for p in params])
-            if any(p.top_k > 0 for p in params):
-                top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
-            if any(p.top_p < 1.0 for p in params):
-                top_p = column([p.top_p for p in params])
-            if any(p.min_p > 0.0 for p in params):
-                min_p = column([p.min_p for p in params])
 
         processors: list[LogitsProcessor] = []
         banned = []
@@ -136,7 +176,7 @@ class SamplingBatch:
         wanted = [x for x in logprobs_n if x is not None]
         return cls(
             temperature=temperature,
-            top_k=top_k, top_p=top_p, min_p=min_p,
+            top_k=top_k, top_p=top_p, min_p=min_p, keys=keys, positions=positions,
             processors=processors, generators=[r.generator for r in requests],
             all_greedy=all_greedy, max_logprobs=max(wanted) if wanted else -1,
             logprobs_n=logprobs_n,
@@ -163,6 +203,8 @@ class DeviceSample:
     top_logprobs: torch.Tensor | None  # [N, k]
     top_ids: torch.Tensor | None  # [N, k]
     logprobs_n: list[int | None]
+    # The rows the logprob tensors hold, in order (those whose logprobs_n is set).
+    logprob_rows: list[int] = field(default_factory=list)
     _host: list[torch.Tensor | None] | None = None
     _copied: torch.cuda.Event | None = None
 
@@ -198,50 +240,73 @@ class DeviceSample:
             chosen = chosen_t.tolist()
             top_vals = top_vals_t.tolist() if top_vals_t is not None else None
             top_ids = top_ids_t.tolist() if top_ids_t is not None else None
-            for i, n in enumerate(self.logprobs_n):
-                if n is None:
-                    continue
+            for j, i in enumerate(self.logprob_rows):
+                n = self.logprobs_n[i]
+                assert n is not None
                 top = (
-                    list(zip(top_ids[i][:n], top_vals[i][:n]))
+                    list(zip(top_ids[j][:n], top_vals[j][:n]))
                     if top_ids is not None and top_vals is not None
                     else []
                 )
-                logprobs[i] = TokenLogprob(token_ids[i], chosen[i], top)
+                logprobs[i] = TokenLogprob(token_ids[i], chosen[j], top)
         return SamplerOutput(token_ids, logprobs)
 
 
 class Sampler:
     def __init__(self, default_generator: torch.Generator) -> None:
         self.default_generator = default_generator
+        # Keys of unseeded rows, reproducible from the engine's seed.
+        self.rng = random.Random(default_generator.initial_seed())
+
+    def batch(self, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
+        return SamplingBatch.from_requests(requests, vocab_size, device, self.rng)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
         """Sample every row on the logits' device, without any host synchronisation."""
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs >= 0 else None
+        wanted = [i for i, n in enumerate(batch.logprobs_n) if n is not None]
+        raw_logprobs = None
+        if wanted:
+            rows = logits
+            if len(wanted) < logits.shape[0]:
+                rows = logits[to_device(torch.tensor(wanted), logits.device)]
+            raw_logprobs = torch.log_softmax(rows, dim=-1)
         for processor in batch.processors:
             logits = processor.apply(logits)
 
         if batch.all_greedy:
             sampled = logits.argmax(dim=-1)
+        elif uses_kernel(logits.device):
+            assert batch.temperature is not None and batch.keys is not None
+            assert batch.positions is not None
+            sampled, _ = sample_rows(
+                logits.contiguous(), batch.temperature, batch.keys, batch.positions,
+                batch.top_k, batch.top_p, batch.min_p)
         else:
             sampled = self._sample(logits, batch)
 
         chosen = top_vals = top_ids = None
         if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+            picked = sampled if len(wanted) == len(batch.logprobs_n) else sampled[
+                to_device(torch.tensor(wanted), sampled.device)]
+            chosen = raw_logprobs.gather(1, picked.unsqueeze(1)).squeeze(1)
             k = max(batch.max_logprobs, 0)
             if k:
                 top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
-        return DeviceSample(sampled, chosen, top_vals, top_ids, batch.logprobs_n)
+        return DeviceSample(sampled, chosen, top_vals, top_ids, batch.logprobs_n, wanted)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The torch path: the kept set from ``kept_threshold`` (a sort), seeded rows drawn from
+        their own generators."""
         assert batch.temperature is not None  # built whenever a row is not greedy
         greedy_rows = batch.temperature == 0.0
         greedy_tokens = logits.argmax(dim=-1)
+        if batch.top_k is not None or batch.top_p is not None or batch.min_p is not None:
+            smallest = kept_threshold(
+                logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p)
+            logits = logits.masked_fill(logits < smallest.unsqueeze(1), float("-inf"))
         temperature = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
-        logits = logits / temperature.unsqueeze(1)
-        logits = self._filter(logits, batch)
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits / temperature.unsqueeze(1), dim=-1)
 
         noise = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(batch.generators) if g is None]
@@ -254,23 +319,3 @@ class Sampler:
                 noise[i].exponential_(generator=g)
         random_tokens = (probs / noise).argmax(dim=-1)
         return torch.where(greedy_rows, greedy_tokens, random_tokens)
-
-    @staticmethod
-    def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        if batch.top_k is None and batch.top_p is None and batch.min_p is None:
-            return logits
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if batch.top_k is not None:
-            ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
-            remove |= ranks >= batch.top_k.unsqueeze(1)
-        if batch.top_p is not None or batch.min_p is not None:
-            probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-            if batch.top_p is not None:
-                # Drop a token when the tokens before it already reach top_p (keeps the first).
-                before = probs.cumsum(dim=-1) - probs
-                remove |= before >= batch.top_p.unsqueeze(1)
-            if batch.min_p is not None:
-                remove |= probs < batch.min_p.unsqueeze(1) * probs[:, :1]
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
