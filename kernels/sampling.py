@@ -1,9 +1,9 @@
 """Sort-free sampling of a batch of rows: temperature, top-k, top-p and min-p in one kernel.
 
 Every filter keeps the tokens whose logit reaches a per-row threshold, so the kernel never
-sorts the vocabulary: it finds the threshold by bisection on the logit value, counting tokens
-(top-k) or summing probability mass (top-p) above the midpoint, one pass over the row per step,
-and stops as soon as the kept set is determined. The draw is a Gumbel-max race over the kept
+sorts the vocabulary: it finds the threshold by a search on the logit value, counting tokens
+(top-k) or summing probability mass (top-p) at several pivots per pass over the row (a pass
+narrows the interval ``pivots + 1`` times), and stops as soon as the kept set is determined. The draw is a Gumbel-max race over the kept
 tokens, ``argmax(x / T - log E)`` with ``E ~ Exp(1)``, whose noise comes from Philox counters
 ``(token id, position)`` under the row's key: a seeded request draws the same numbers whatever
 else shares the batch, and nothing needs a normalised distribution or a cumulative sum.
@@ -23,8 +23,9 @@ import torch
 
 from pagedserve.kernels.triton_utils import cdiv, next_power_of_2, tl, triton
 
-# Bisection steps at most: enough to reach adjacent float32 values from any finite range.
-MAX_BISECTION_STEPS = 64
+# Search passes at most: enough for plain bisection (one pivot) to reach adjacent float32
+# values from any finite range.
+MAX_SEARCH_PASSES = 64
 
 
 @triton.jit
@@ -43,10 +44,36 @@ def _count_and_mass(logits_ptr, rows, stride, V, t, m, inv_t, BLOCK: tl.constexp
 
 
 @triton.jit
+def _pivot_pass(logits_ptr, rows, stride, V, lo, hi, m, inv_t,
+                BLOCK: tl.constexpr, PIVOTS: tl.constexpr):
+    """One pass over the rows for PIVOTS thresholds evenly inside (lo, hi): the thresholds
+    [ROWS, PIVOTS], ascending, and per threshold the count and mass of tokens at or above it.
+    A pass narrows a search PIVOTS + 1 times for the price of one read of the row."""
+    cols = tl.arange(0, PIVOTS)
+    mids = lo[:, None] + (hi - lo)[:, None] * ((cols[None, :] + 1).to(tl.float32) / (PIVOTS + 1))
+    counts = tl.zeros([rows.shape[0], PIVOTS], dtype=tl.int32)
+    masses = tl.zeros([rows.shape[0], PIVOTS], dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
+        x = tl.load(ptrs, mask=offs[None, :] < V, other=float("-inf"))
+        e = tl.exp((x - m[:, None]) * inv_t[:, None])
+        for j in tl.static_range(PIVOTS):
+            mid = tl.sum(tl.where(cols[None, :] == j, mids, 0.0), axis=1)
+            keep = x >= mid[:, None]
+            c = tl.sum(keep.to(tl.int32), axis=1)
+            s = tl.sum(tl.where(keep, e, 0.0), axis=1)
+            counts += tl.where(cols[None, :] == j, c[:, None], 0)
+            masses += tl.where(cols[None, :] == j, s[:, None], 0.0)
+    return mids, counts, masses
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr, stride, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, key_ptr, position_ptr,
     out_ptr, threshold_ptr, N, V,
     FILTER: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, MAX_STEPS: tl.constexpr,
+    PIVOTS: tl.constexpr,
 ):
     """ROWS rows per program, every per-row quantity a [ROWS] vector (one row per program on
     the device's large vocabularies; many under the interpreter)."""
@@ -88,13 +115,16 @@ def _sample_kernel(
         hi = m
         steps = 0
         while (steps < MAX_STEPS) & (tl.sum(search.to(tl.int32), axis=0) > 0):
-            mid = lo + (hi - lo) * 0.5
-            search &= (mid > lo) & (mid < hi)
-            c, _ = _count_and_mass(logits_ptr, rows, stride, V, mid, m, inv_t, BLOCK)
-            up = search & (c >= k)
-            lo = tl.where(up, mid, lo)
-            hi = tl.where(search & (c < k), mid, hi)
-            search &= c != k
+            mids, counts, _ = _pivot_pass(
+                logits_ptr, rows, stride, V, lo, hi, m, inv_t, BLOCK, PIVOTS)
+            inside = (mids > lo[:, None]) & (mids < hi[:, None])
+            search &= tl.sum(inside.to(tl.int32), axis=1) > 0
+            enough = counts >= k[:, None]
+            # Counts fall as the threshold rises: the largest pivot with enough is the new lo,
+            # the smallest without the new hi; a pivot with exactly k settles the set.
+            lo = tl.where(search, tl.maximum(lo, tl.max(tl.where(enough, mids, float("-inf")), axis=1)), lo)
+            hi = tl.where(search, tl.minimum(hi, tl.min(tl.where(enough, float("inf"), mids), axis=1)), hi)
+            search &= tl.sum((counts == k[:, None]).to(tl.int32), axis=1) == 0
             steps += 1
         threshold = tl.where(~greedy & (k < finite) & (count_max < k), lo, threshold)
 
@@ -112,15 +142,22 @@ def _sample_kernel(
         c_hi = count_max
         steps = 0
         while (steps < MAX_STEPS) & (tl.sum(search.to(tl.int32), axis=0) > 0):
-            mid = lo + (hi - lo) * 0.5
-            search &= (mid > lo) & (mid < hi)
-            c, mass = _count_and_mass(logits_ptr, rows, stride, V, mid, m, inv_t, BLOCK)
-            up = search & (mass >= target)
-            down = search & (mass < target)
-            lo = tl.where(up, mid, lo)
-            c_lo = tl.where(up, c, c_lo)
-            hi = tl.where(down, mid, hi)
-            c_hi = tl.where(down, c, c_hi)
+            mids, counts, masses = _pivot_pass(
+                logits_ptr, rows, stride, V, lo, hi, m, inv_t, BLOCK, PIVOTS)
+            inside = (mids > lo[:, None]) & (mids < hi[:, None])
+            search &= tl.sum(inside.to(tl.int32), axis=1) > 0
+            reach = masses >= target[:, None]
+            # Mass falls as the threshold rises: the largest pivot that still reaches the target
+            # is the new lo (its count the fewest among those), the smallest that does not the
+            # new hi. One token between them settles the set.
+            any_reach = tl.sum(reach.to(tl.int32), axis=1) > 0
+            any_short = tl.sum((~reach).to(tl.int32), axis=1) > 0
+            up = search & any_reach
+            down = search & any_short
+            lo = tl.where(up, tl.max(tl.where(reach, mids, float("-inf")), axis=1), lo)
+            c_lo = tl.where(up, tl.min(tl.where(reach, counts, 2147483647), axis=1), c_lo)
+            hi = tl.where(down, tl.min(tl.where(reach, float("inf"), mids), axis=1), hi)
+            c_hi = tl.where(down, tl.max(tl.where(reach, -1, counts), axis=1), c_hi)
             search &= c_lo > c_hi + 1
             steps += 1
         threshold = tl.where(on & (mass_max < target) & (count_lo > count_max + 1), lo, threshold)
@@ -166,6 +203,7 @@ def sample_rows(
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
     block: int = 4096,
+    pivots: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled token ids [N] int64 and each row's smallest kept logit [N] fp32 (the tokens at
     or above it were the candidates; the row's maximum for greedy rows).
@@ -195,7 +233,7 @@ def sample_rows(
     _sample_kernel[(cdiv(n, rows),)](
         logits, logits.stride(0), temperature, top_k, top_p, min_p, keys,
         positions, out, thresholds, n, vocab,
-        FILTER=filtered, ROWS=rows, BLOCK=block, MAX_STEPS=MAX_BISECTION_STEPS,
+        FILTER=filtered, ROWS=rows, BLOCK=block, MAX_STEPS=MAX_SEARCH_PASSES, PIVOTS=pivots,
     )
     return out, thresholds
 

@@ -287,7 +287,9 @@ def rate(w: Workload, seconds: float) -> tuple[float, str]:
     return w.output_tokens / seconds, "output tok/s"
 
 
-def bench_model(name: str, tokenizer: Path, work: Path, only: set[str]) -> list[dict[str, Any]]:
+def bench_model(
+    name: str, tokenizer: Path, work: Path, only: set[str], profile: str = "",
+) -> list[dict[str, Any]]:
     from pagedserve import LLM
 
     model = model_dir(name, tokenizer, work)
@@ -298,16 +300,19 @@ def bench_model(name: str, tokenizer: Path, work: Path, only: set[str]) -> list[
           f"TFLOP/s; dense decode step {1e3 * floors.dense(1):.3f} ms at 1, "
           f"{1e3 * floors.dense(256):.3f} ms at 256; chunk {floors.chunk}: "
           f"{1e3 * floors.chunk_s:.2f} ms", flush=True)
-    llm = LLM(str(model), **ENGINE)
     vocab = config["vocab_size"]
+    if torch.cuda.is_available():
+        bench_sampler(vocab)
+    llm = LLM(str(model), **ENGINE)
     warm = Workload("warm", [32] * 4, [4] * 4)
     run_workload(llm, warm, vocab, 99)
     run_workload(llm, Workload("warm", [32] * 4, [4] * 4, sampled=True), vocab, 98)
     rows = []
-    for w in workloads():
+    for index, w in enumerate(workloads()):
         if only and w.name not in only:
             continue
-        runs = [run_workload(llm, w, vocab, seed=17 + r) for r in range(ROUNDS)]
+        # Fresh prompts for every run of every workload: no prefix-cache hits between them.
+        runs = [run_workload(llm, w, vocab, seed=100 * index + r) for r in range(ROUNDS)]
         best = min(runs)
         floor = floors.seconds(w, ENGINE["max_num_seqs"])
         value, unit = rate(w, best)
@@ -319,11 +324,62 @@ def bench_model(name: str, tokenizer: Path, work: Path, only: set[str]) -> list[
         print(f"  {w.name:<8} {value:>10,.3f} {unit:<13} floor {floor_value:>10,.3f}  "
               f"{100 * floor / best:5.1f}% of floor  (runs {', '.join(f'{r:.2f}' for r in runs)} s)",
               flush=True)
+    if profile and torch.cuda.is_available():
+        profile_workload(llm, next(w for w in workloads() if w.name == profile), vocab)
     del llm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_workload(llm: Any, w: Workload, vocab: int) -> None:
+    """Where a workload's time goes: the device's busy time (every kernel's duration summed)
+    against the wall clock, and the kernels that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        seconds = run_workload(llm, w, vocab, seed=7777)
+    events = prof.key_averages()
+    device_s = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"\nprofile {w.name}: wall {seconds:.2f} s, device busy {device_s:.2f} s "
+          f"({100 * device_s / seconds:.0f}%)")
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+
+
+def bench_sampler(vocab: int) -> None:
+    """The sampling step alone at the standard batch: greedy argmax, the kernel at several
+    pivot counts, and the torch path's sort, on logits shaped like a model's."""
+    from pagedserve.kernels.sampling import kept_threshold, sample_rows
+
+    n = STANDARD[0]
+    device = torch.device("cuda")
+    logits = torch.randn(n, vocab, device=device) * 3
+    t = torch.full((n,), 0.8, device=device)
+    k = torch.full((n,), 50, dtype=torch.int64, device=device)
+    p = torch.full((n,), 0.95, device=device)
+    keys = torch.arange(n, device=device)
+    pos = torch.zeros(n, dtype=torch.int64, device=device)
+
+    def timed(fn: Any) -> float:
+        fn()
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 20
+
+    print(f"\nsampling {n} x {vocab}: argmax {timed(lambda: logits.argmax(-1)):.3f} ms; "
+          f"torch sort path {timed(lambda: kept_threshold(logits, t, k, p)):.3f} ms")
+    for pivots in (1, 4, 8, 16):
+        ms = timed(lambda: sample_rows(logits, t, keys, pos, k, p, pivots=pivots))
+        ms_t = timed(lambda: sample_rows(logits, t, keys, pos, pivots=pivots))
+        ms_p = timed(lambda: sample_rows(logits, t, keys, pos, None, p, pivots=pivots))
+        print(f"  kernel, {pivots:>2} pivots: top-k+top-p {ms:.3f} ms, top-p alone {ms_p:.3f} ms, "
+              f"temperature alone {ms_t:.3f} ms")
 
 
 def main() -> int:
@@ -334,6 +390,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/perf-bench"))
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--profile", default="", help="a workload to profile after the runs")
     args = parser.parse_args()
     if args.smoke:
         use_smoke_settings()
@@ -341,7 +398,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
-        rows += bench_model(name, args.tokenizer, args.work, only)
+        rows += bench_model(name, args.tokenizer, args.work, only, args.profile)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     by = {(r["model"], r["workload"]): r for r in rows}
     print("\n| model | workload | pagedserve | floor, same run | fraction |")

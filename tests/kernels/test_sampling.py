@@ -41,9 +41,10 @@ def draw(row: torch.Tensor, device: torch.device, temperature: float = 1.0, top_
     return torch.bincount(tokens.cpu(), minlength=row.numel()).double() / n
 
 
-@pytest.mark.parametrize("block", [16, 4096], ids=["tiles", "one-tile"])
-def test_kept_set_equals_the_sorted_reference(device: torch.device, block: int) -> None:
-    n = 256
+@pytest.mark.parametrize(("block", "pivots"), [(16, 1), (4096, 8), (16, 4)],
+                         ids=["tiles-bisection", "one-tile-8-pivots", "tiles-4-pivots"])
+def test_kept_set_equals_the_sorted_reference(device: torch.device, block: int, pivots: int) -> None:
+    n = 128
     x = torch.randn(n, VOCAB) * 3
     x[::7, :10] = x[::7, 10:20]  # ties, at the cut too
     x[::5, 3::4] = float("-inf")  # banned tokens
@@ -63,7 +64,7 @@ def test_kept_set_equals_the_sorted_reference(device: torch.device, block: int) 
         on = [None if t is None else t.to(device) for t in (k, p, mp)]
         tokens, smallest = sample_rows(
             x.to(device), temperature.to(device), torch.arange(n, device=device),
-            torch.zeros(n, dtype=torch.int64, device=device), *on, block=block)
+            torch.zeros(n, dtype=torch.int64, device=device), *on, block=block, pivots=pivots)
         assert torch.equal(smallest.cpu(), ref), f"top_k={k is not None} top_p={p is not None} min_p={mp is not None}"
         picked = x.gather(1, tokens.cpu().unsqueeze(1)).squeeze(1)
         assert bool((picked >= ref).all()), "a token outside the kept set was drawn"
