@@ -289,6 +289,7 @@ def rate(w: Workload, seconds: float) -> tuple[float, str]:
 
 def bench_model(
     name: str, tokenizer: Path, work: Path, only: set[str], profile: str = "",
+    grouped: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     from pagedserve import LLM
 
@@ -324,6 +325,21 @@ def bench_model(
         print(f"  {w.name:<8} {value:>10,.3f} {unit:<13} floor {floor_value:>10,.3f}  "
               f"{100 * floor / best:5.1f}% of floor  (runs {', '.join(f'{r:.2f}' for r in runs)} s)",
               flush=True)
+    if grouped and (not only or "mixed" in only):
+        # The mixed workload again, waiting requests admitted in groups (SchedulerConfig).
+        w = next(w for w in workloads() if w.name == "mixed")
+        scheduler_config = llm.engine.scheduler.config
+        for group in grouped:
+            scheduler_config.admission_group = group
+            runs = [run_workload(llm, w, vocab, seed=900 + 10 * group + r) for r in range(ROUNDS)]
+            floor = floors.seconds(w, ENGINE["max_num_seqs"])
+            value, unit = rate(w, min(runs))
+            rows.append({"model": name, "workload": f"mixed/group-{group}", "unit": unit,
+                         "value": value, "runs_s": runs, "floor_s": floor,
+                         "floor_value": rate(w, floor)[0], "fraction_of_floor": floor / min(runs)})
+            print(f"  mixed, admission_group {group}: {value:,.0f} {unit}, "
+                  f"{100 * floor / min(runs):.1f}% of floor (runs {runs})", flush=True)
+        scheduler_config.admission_group = 1
     if profile and torch.cuda.is_available():
         profile_workload(llm, next(w for w in workloads() if w.name == profile), vocab)
     del llm
@@ -391,6 +407,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/perf-bench"))
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     parser.add_argument("--profile", default="", help="a workload to profile after the runs")
+    parser.add_argument("--admission-groups", default="",
+                        help="also run the mixed workload with these admission_group values")
     args = parser.parse_args()
     if args.smoke:
         use_smoke_settings()
@@ -398,7 +416,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
-        rows += bench_model(name, args.tokenizer, args.work, only, args.profile)
+        groups = tuple(int(g) for g in args.admission_groups.split(",") if g)
+        rows += bench_model(name, args.tokenizer, args.work, only, args.profile, groups)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     by = {(r["model"], r["workload"]): r for r in rows}
     print("\n| model | workload | pagedserve | floor, same run | fraction |")
