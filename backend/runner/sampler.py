@@ -11,6 +11,7 @@ that ask for them.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ def uses_kernel(device: torch.device) -> bool:
     return HAS_TRITON and device.type == "cuda"
 
 
+@functools.lru_cache(maxsize=8192)
 def seed_key(seed: int) -> int:
     """A request seed spread over 63 bits (splitmix64's finaliser), the Philox key of its rows:
     nearby seeds get unrelated keys."""
