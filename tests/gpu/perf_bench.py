@@ -341,7 +341,10 @@ def bench_model(
                   f"{100 * floor / min(runs):.1f}% of floor (runs {runs})", flush=True)
         scheduler_config.admission_group = 1
     if profile and torch.cuda.is_available():
-        profile_workload(llm, next(w for w in workloads() if w.name == profile), vocab)
+        try:
+            profile_workload(llm, next(w for w in workloads() if w.name == profile), vocab)
+        except Exception as e:  # the figures above stand without the profile
+            print(f"profile failed: {e!r}")
     del llm
     gc.collect()
     if torch.cuda.is_available():
@@ -349,11 +352,52 @@ def bench_model(
     return rows
 
 
+def step_kinds(llm: Any, w: Workload, vocab: int) -> None:
+    """Host and device time per step kind (decode only, prefill only, mixed): the runner's
+    ``execute`` (which queues a step and returns) timed on the host, and CUDA events around it
+    on the stream, which time the step's own device work (the stream runs steps in order)."""
+    runner = llm.engine.runner
+    execute = runner.execute
+    records: list[tuple[str, int, float, Any, Any]] = []
+
+    def timed_execute(sched: Any) -> Any:
+        prefill = any(s.request.num_computed_tokens < s.request.num_prompt_tokens
+                      for s in sched.scheduled)
+        decode = any(s.request.num_computed_tokens >= s.request.num_prompt_tokens
+                     for s in sched.scheduled)
+        kind = "mixed" if prefill and decode else ("prefill" if prefill else "decode")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        launched = execute(sched)
+        end.record()
+        records.append((kind, len(sched.scheduled), time.perf_counter() - t0, start, end))
+        return launched
+
+    runner.execute = timed_execute
+    try:
+        seconds = run_workload(llm, w, vocab, seed=8888)
+    finally:
+        runner.execute = execute
+    print(f"\nsteps of {w.name} ({seconds:.2f} s):")
+    print(f"{'kind':<8}{'steps':>7}{'seqs/step':>11}{'host ms/step':>14}{'device ms/step':>16}"
+          f"{'device s':>10}")
+    for kind in ("decode", "prefill", "mixed"):
+        rs = [r for r in records if r[0] == kind]
+        if not rs:
+            continue
+        device = sum(r[3].elapsed_time(r[4]) for r in rs) / 1e3
+        print(f"{kind:<8}{len(rs):>7}{sum(r[1] for r in rs) / len(rs):>11.1f}"
+              f"{1e3 * sum(r[2] for r in rs) / len(rs):>14.3f}{1e3 * device / len(rs):>16.3f}"
+              f"{device:>10.2f}")
+
+
 def profile_workload(llm: Any, w: Workload, vocab: int) -> None:
-    """Where a workload's time goes: the device's busy time (every kernel's duration summed)
-    against the wall clock, and the kernels that take most of it."""
+    """Where a workload's time goes: its steps by kind, the device's busy time (every kernel's
+    duration summed) against the wall clock, and the kernels that take most of it."""
     from torch.profiler import ProfilerActivity, profile
 
+    step_kinds(llm, w, vocab)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         seconds = run_workload(llm, w, vocab, seed=7777)
     events = prof.key_averages()
@@ -391,9 +435,9 @@ def bench_sampler(vocab: int) -> None:
     print(f"\nsampling {n} x {vocab}: argmax {timed(lambda: logits.argmax(-1)):.3f} ms; "
           f"torch sort path {timed(lambda: kept_threshold(logits, t, k, p)):.3f} ms")
     for pivots in (1, 4, 8, 16):
-        ms = timed(lambda: sample_rows(logits, t, keys, pos, k, p, pivots=pivots))
-        ms_t = timed(lambda: sample_rows(logits, t, keys, pos, pivots=pivots))
-        ms_p = timed(lambda: sample_rows(logits, t, keys, pos, None, p, pivots=pivots))
+        ms = timed(lambda pv=pivots: sample_rows(logits, t, keys, pos, k, p, pivots=pv))
+        ms_t = timed(lambda pv=pivots: sample_rows(logits, t, keys, pos, pivots=pv))
+        ms_p = timed(lambda pv=pivots: sample_rows(logits, t, keys, pos, None, p, pivots=pv))
         print(f"  kernel, {pivots:>2} pivots: top-k+top-p {ms:.3f} ms, top-p alone {ms_p:.3f} ms, "
               f"temperature alone {ms_t:.3f} ms")
 
