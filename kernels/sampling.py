@@ -29,22 +29,31 @@ MAX_SEARCH_PASSES = 64
 
 
 @triton.jit
-def _count_and_mass(logits_ptr, rows, stride, V, t, m, inv_t, BLOCK: tl.constexpr):
+def _needed(tile_max_ptr, rows, n_tiles, tile, floor):
+    """Whether any row's tile may hold a token at or above ``floor``: tiles wholly below it
+    count for nothing above it and are not read."""
+    return tl.max(tl.load(tile_max_ptr + rows * n_tiles + tile) - floor, axis=0) >= 0.0
+
+
+@triton.jit
+def _count_and_mass(logits_ptr, tile_max_ptr, rows, stride, V, n_tiles, t, m, inv_t,
+                    BLOCK: tl.constexpr):
     """Per row: tokens with logit >= t, and their unnormalised mass exp((x - m) / T)."""
     count = tl.zeros([rows.shape[0], BLOCK], dtype=tl.int32)
     mass = tl.zeros([rows.shape[0], BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
-        x = tl.load(ptrs, mask=offs[None, :] < V, other=float("-inf"))
-        keep = x >= t[:, None]
-        count += keep.to(tl.int32)
-        mass += tl.where(keep, tl.exp((x - m[:, None]) * inv_t[:, None]), 0.0)
+    for tile in range(0, n_tiles):
+        if _needed(tile_max_ptr, rows, n_tiles, tile, t):
+            offs = tile * BLOCK + tl.arange(0, BLOCK)
+            ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
+            x = tl.load(ptrs, mask=offs[None, :] < V, other=float("-inf"))
+            keep = x >= t[:, None]
+            count += keep.to(tl.int32)
+            mass += tl.where(keep, tl.exp((x - m[:, None]) * inv_t[:, None]), 0.0)
     return tl.sum(count, axis=1), tl.sum(mass, axis=1)
 
 
 @triton.jit
-def _pivot_pass(logits_ptr, rows, stride, V, lo, hi, m, inv_t,
+def _pivot_pass(logits_ptr, tile_max_ptr, rows, stride, V, n_tiles, lo, hi, m, inv_t,
                 BLOCK: tl.constexpr, PIVOTS: tl.constexpr):
     """One pass over the rows for PIVOTS thresholds evenly inside (lo, hi): the thresholds
     [ROWS, PIVOTS], ascending, and per threshold the count and mass of tokens at or above it.
@@ -53,25 +62,27 @@ def _pivot_pass(logits_ptr, rows, stride, V, lo, hi, m, inv_t,
     mids = lo[:, None] + (hi - lo)[:, None] * ((cols[None, :] + 1).to(tl.float32) / (PIVOTS + 1))
     counts = tl.zeros([rows.shape[0], PIVOTS], dtype=tl.int32)
     masses = tl.zeros([rows.shape[0], PIVOTS], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
-        x = tl.load(ptrs, mask=offs[None, :] < V, other=float("-inf"))
-        e = tl.exp((x - m[:, None]) * inv_t[:, None])
-        for j in tl.static_range(PIVOTS):
-            mid = tl.sum(tl.where(cols[None, :] == j, mids, 0.0), axis=1)
-            keep = x >= mid[:, None]
-            c = tl.sum(keep.to(tl.int32), axis=1)
-            s = tl.sum(tl.where(keep, e, 0.0), axis=1)
-            counts += tl.where(cols[None, :] == j, c[:, None], 0)
-            masses += tl.where(cols[None, :] == j, s[:, None], 0.0)
+    for tile in range(0, n_tiles):
+        # Every pivot is above lo: a tile below it counts for none of them.
+        if _needed(tile_max_ptr, rows, n_tiles, tile, lo):
+            offs = tile * BLOCK + tl.arange(0, BLOCK)
+            ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
+            x = tl.load(ptrs, mask=offs[None, :] < V, other=float("-inf"))
+            e = tl.exp((x - m[:, None]) * inv_t[:, None])
+            for j in tl.static_range(PIVOTS):
+                mid = tl.sum(tl.where(cols[None, :] == j, mids, 0.0), axis=1)
+                keep = x >= mid[:, None]
+                c = tl.sum(keep.to(tl.int32), axis=1)
+                s = tl.sum(tl.where(keep, e, 0.0), axis=1)
+                counts += tl.where(cols[None, :] == j, c[:, None], 0)
+                masses += tl.where(cols[None, :] == j, s[:, None], 0.0)
     return mids, counts, masses
 
 
 @triton.jit
 def _sample_kernel(
     logits_ptr, stride, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, key_ptr, position_ptr,
-    out_ptr, threshold_ptr, N, V,
+    out_ptr, threshold_ptr, tile_max_ptr, N, V, n_tiles,
     FILTER: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, MAX_STEPS: tl.constexpr,
     PIVOTS: tl.constexpr,
 ):
@@ -83,16 +94,19 @@ def _sample_kernel(
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
     neg_inf = tl.full([ROWS], float("-inf"), dtype=tl.float32)
 
-    # Pass 1: the maximum (first index on ties), the smallest finite logit, the finite count.
+    # Pass 1: the maximum (first index on ties), the smallest finite logit, the finite count,
+    # and each tile's maximum, which lets every later pass skip the tiles below its interest.
     m = neg_inf
     best = tl.zeros([ROWS], dtype=tl.int64)
     lowest = tl.full([ROWS], float("inf"), dtype=tl.float32)
     finite = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, V, BLOCK):
+    for tile in range(0, n_tiles):
+        start = tile * BLOCK
         offs = start + tl.arange(0, BLOCK)
         ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
         x = tl.load(ptrs, mask=offs[None, :] < V, other=float("-inf"))
         tile_max = tl.max(x, axis=1)
+        tl.store(tile_max_ptr + rows * n_tiles + tile, tile_max)
         tile_arg = tl.argmax(x, axis=1)
         best = tl.where(tile_max > m, start + tile_arg, best)
         m = tl.maximum(m, tile_max)
@@ -107,7 +121,7 @@ def _sample_kernel(
     if FILTER:
         k = tl.load(top_k_ptr + rows, mask=row_ok, other=1)
         count_max, mass_max = _count_and_mass(
-            logits_ptr, rows, stride, V, m, m, inv_t, BLOCK)
+            logits_ptr, tile_max_ptr, rows, stride, V, n_tiles, m, m, inv_t, BLOCK)
         # top-k: the largest t with count(x >= t) >= k; the maximum when its ties suffice.
         threshold = tl.where((k < finite) & (count_max >= k), m, threshold)
         search = ~greedy & (k < finite) & (count_max < k)
@@ -116,7 +130,7 @@ def _sample_kernel(
         steps = 0
         while (steps < MAX_STEPS) & (tl.sum(search.to(tl.int32), axis=0) > 0):
             mids, counts, _ = _pivot_pass(
-                logits_ptr, rows, stride, V, lo, hi, m, inv_t, BLOCK, PIVOTS)
+                logits_ptr, tile_max_ptr, rows, stride, V, n_tiles, lo, hi, m, inv_t, BLOCK, PIVOTS)
             inside = (mids > lo[:, None]) & (mids < hi[:, None])
             search &= tl.sum(inside.to(tl.int32), axis=1) > 0
             enough = counts >= k[:, None]
@@ -131,7 +145,7 @@ def _sample_kernel(
         # top-p over the top-k set: the largest t >= threshold whose mass reaches p * Z_k.
         p = tl.load(top_p_ptr + rows, mask=row_ok, other=1.0)
         count_lo, z = _count_and_mass(
-            logits_ptr, rows, stride, V, threshold, m, inv_t, BLOCK)
+            logits_ptr, tile_max_ptr, rows, stride, V, n_tiles, threshold, m, inv_t, BLOCK)
         target = p * z
         on = ~greedy & (p < 1.0)
         threshold = tl.where(on & (mass_max >= target), m, threshold)
@@ -143,7 +157,7 @@ def _sample_kernel(
         steps = 0
         while (steps < MAX_STEPS) & (tl.sum(search.to(tl.int32), axis=0) > 0):
             mids, counts, masses = _pivot_pass(
-                logits_ptr, rows, stride, V, lo, hi, m, inv_t, BLOCK, PIVOTS)
+                logits_ptr, tile_max_ptr, rows, stride, V, n_tiles, lo, hi, m, inv_t, BLOCK, PIVOTS)
             inside = (mids > lo[:, None]) & (mids < hi[:, None])
             search &= tl.sum(inside.to(tl.int32), axis=1) > 0
             reach = masses >= target[:, None]
@@ -173,23 +187,27 @@ def _sample_kernel(
     best_score = neg_inf
     drawn = best
     kept_min = tl.full([ROWS], float("inf"), dtype=tl.float32)
+    # Greedy rows take part with no kept token (threshold +inf).
+    floor = tl.where(greedy, float("inf"), threshold)
     if tl.sum((~greedy).to(tl.int32), axis=0) > 0:
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
-            valid = offs[None, :] < V
-            x = tl.load(ptrs, mask=valid, other=float("-inf"))
-            counter = (position[:, None] << 32) | offs[None, :].to(tl.int64)
-            bits = tl.randint(key[:, None], counter)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            kept = valid & (x >= threshold[:, None])
-            score = (x - m[:, None]) * inv_t[:, None] - tl.log(-tl.log(u))
-            score = tl.where(kept, score, float("-inf"))
-            tile_best = tl.max(score, axis=1)
-            tile_arg = tl.argmax(score, axis=1)
-            drawn = tl.where(tile_best > best_score, start + tile_arg, drawn)
-            best_score = tl.maximum(best_score, tile_best)
-            kept_min = tl.minimum(kept_min, tl.min(tl.where(kept, x, float("inf")), axis=1))
+        for tile in range(0, n_tiles):
+            if _needed(tile_max_ptr, rows, n_tiles, tile, floor):
+                start = tile * BLOCK
+                offs = start + tl.arange(0, BLOCK)
+                ptrs = logits_ptr + rows[:, None] * stride + offs[None, :]
+                valid = offs[None, :] < V
+                x = tl.load(ptrs, mask=valid, other=float("-inf"))
+                counter = (position[:, None] << 32) | offs[None, :].to(tl.int64)
+                bits = tl.randint(key[:, None], counter)
+                u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                kept = valid & (x >= threshold[:, None])
+                score = (x - m[:, None]) * inv_t[:, None] - tl.log(-tl.log(u))
+                score = tl.where(kept, score, float("-inf"))
+                tile_best = tl.max(score, axis=1)
+                tile_arg = tl.argmax(score, axis=1)
+                drawn = tl.where(tile_best > best_score, start + tile_arg, drawn)
+                best_score = tl.maximum(best_score, tile_best)
+                kept_min = tl.minimum(kept_min, tl.min(tl.where(kept, x, float("inf")), axis=1))
     tl.store(out_ptr + rows, tl.where(greedy, best, drawn), mask=row_ok)
     tl.store(threshold_ptr + rows, tl.where(greedy, m, kept_min), mask=row_ok)
 
@@ -202,8 +220,9 @@ def sample_rows(
     top_k: torch.Tensor | None = None,
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
-    block: int = 4096,
-    pivots: int = 8,
+    block: int = 1024,
+    pivots: int = 4,
+    rows_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled token ids [N] int64 and each row's smallest kept logit [N] fp32 (the tokens at
     or above it were the candidates; the row's maximum for greedy rows).
@@ -228,11 +247,14 @@ def sample_rows(
     if min_p is None:
         min_p = torch.zeros(n, dtype=torch.float32, device=logits.device)
     block = min(block, next_power_of_2(vocab))
-    # One row per program on the device; under the interpreter, whole tiles of rows at once.
-    rows = 1 if logits.is_cuda else max(1, min(1024, 65536 // block))
+    # One row per program on the device (a program skips the tiles its row does not need);
+    # under the interpreter, whole tiles of rows at once unless told otherwise.
+    rows = rows_per_program or (1 if logits.is_cuda else max(1, min(1024, 65536 // block)))
+    n_tiles = cdiv(vocab, block)
+    tile_max = torch.empty(n, n_tiles, dtype=torch.float32, device=logits.device)
     _sample_kernel[(cdiv(n, rows),)](
         logits, logits.stride(0), temperature, top_k, top_p, min_p, keys,
-        positions, out, thresholds, n, vocab,
+        positions, out, thresholds, tile_max, n, vocab, n_tiles,
         FILTER=filtered, ROWS=rows, BLOCK=block, MAX_STEPS=MAX_SEARCH_PASSES, PIVOTS=pivots,
     )
     return out, thresholds

@@ -434,12 +434,15 @@ def bench_sampler(vocab: int) -> None:
 
     print(f"\nsampling {n} x {vocab}: argmax {timed(lambda: logits.argmax(-1)):.3f} ms; "
           f"torch sort path {timed(lambda: kept_threshold(logits, t, k, p)):.3f} ms")
-    for pivots in (1, 4, 8, 16):
-        ms = timed(lambda pv=pivots: sample_rows(logits, t, keys, pos, k, p, pivots=pv))
-        ms_t = timed(lambda pv=pivots: sample_rows(logits, t, keys, pos, pivots=pv))
-        ms_p = timed(lambda pv=pivots: sample_rows(logits, t, keys, pos, None, p, pivots=pv))
-        print(f"  kernel, {pivots:>2} pivots: top-k+top-p {ms:.3f} ms, top-p alone {ms_p:.3f} ms, "
-              f"temperature alone {ms_t:.3f} ms")
+    for block in (512, 1024, 4096):
+        for pivots in (2, 4, 8):
+            ms = timed(lambda b=block, pv=pivots: sample_rows(
+                logits, t, keys, pos, k, p, block=b, pivots=pv))
+            ms_p = timed(lambda b=block, pv=pivots: sample_rows(
+                logits, t, keys, pos, None, p, block=b, pivots=pv))
+            ms_t = timed(lambda b=block: sample_rows(logits, t, keys, pos, block=b))
+            print(f"  kernel, tiles of {block:>4}, {pivots} pivots: top-k+top-p {ms:.3f} ms, "
+                  f"top-p alone {ms_p:.3f} ms, temperature alone {ms_t:.3f} ms")
 
 
 def main() -> int:

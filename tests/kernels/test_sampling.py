@@ -70,6 +70,27 @@ def test_kept_set_equals_the_sorted_reference(device: torch.device, block: int, 
         assert bool((picked >= ref).all()), "a token outside the kept set was drawn"
 
 
+def test_skipped_tiles_never_hold_a_kept_token(device: torch.device) -> None:
+    """A program reads only the tiles whose maximum reaches its search's lower end. Rows whose
+    16-token tiles each sit tightly around one value put tile maxima right at the thresholds,
+    so a tile skipped wrongly shows in the kept set. One row per program, as on the device
+    (a program skips a tile only when none of its rows needs it)."""
+    n = 8
+    clustered = torch.randn(n, -(-VOCAB // 16)).repeat_interleave(16, dim=1)[:, :VOCAB] * 3
+    x = clustered + 0.01 * torch.randn(n, VOCAB)
+    temperature = torch.rand(n) + 0.5
+    cases = [(torch.randint(3, 30, (n,)), torch.rand(n) * 0.8 + 0.1, None),
+             (None, None, torch.rand(n) * 0.3 + 0.05)]
+    for k, p, mp in cases:
+        ref = kept_threshold(x, temperature, k, p, mp)
+        on = [None if t is None else t.to(device) for t in (k, p, mp)]
+        _, smallest = sample_rows(
+            x.to(device), temperature.to(device), torch.arange(n, device=device),
+            torch.zeros(n, dtype=torch.int64, device=device), *on, block=16, pivots=4,
+            rows_per_program=1)
+        assert torch.equal(smallest.cpu(), ref)
+
+
 def test_greedy_rows_are_the_first_argmax(device: torch.device) -> None:
     n = 64
     x = torch.randn(n, VOCAB)
