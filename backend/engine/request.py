@@ -158,6 +158,9 @@ class Request:
     # -- sampling and output (set when the core admits it) -----------------------------------
     generator: torch.Generator | None = None
     output: OutputState | None = None
+    # Its row of the sampler's ``TokenHistory`` once sampled with a penalty, else -1 (written
+    # by the TokenHistory only).
+    history_row: int = -1
 
     num_preemptions: int = 0
     # Steps that ran part of its prefill before the first token (chunked prefill).
