@@ -51,6 +51,16 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether a penalty reads the request's earlier tokens (its row of the sampler's token
+        history)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
     def reads_token_history(self) -> bool:
         """Penalties and min_tokens need every earlier token of the request on the host."""
         return (

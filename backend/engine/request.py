@@ -123,9 +123,9 @@ class RequestOutput:
 class Request:
     """One request inside the engine core, and every piece of state it holds there: its tokens,
     scheduling progress, KV blocks and their prefix-cache hashes, its block-table row, its
-    sampling generator and its output (detokenizer and stop-string) state. Finishing it is one
-    call (``Scheduler.finish``), which gives its blocks and row back; everything else goes with
-    the object. The engine thread alone mutates it.
+    sampling generator, its token-history row and its output (detokenizer and stop-string)
+    state. Finishing it is one call (``EngineCore._release``), which gives its blocks and rows
+    back; everything else goes with the object. The engine thread alone mutates it.
     """
 
     request_id: str

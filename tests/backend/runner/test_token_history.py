@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pagedserve.backend.engine.request import Request
+from pagedserve.backend.runner.sampler import Sampler, SamplingBatch
 from pagedserve.backend.runner.token_history import TokenHistory
 from pagedserve.backend.sampling_params import SamplingParams
 
@@ -20,6 +21,39 @@ def req(rid: str, prompt: list[int], out: list[int] | None = None, **kw) -> Requ
     return r
 
 
+def defined(logits: torch.Tensor, tokens: list[int], outputs: list[int], params: SamplingParams) -> torch.Tensor:
+    """One row's logits with the penalties applied from the full token lists."""
+    expected = logits.clone()
+    for t in set(tokens):
+        p = params.repetition_penalty
+        expected[t] = expected[t] / p if expected[t] > 0 else expected[t] * p
+    for t in set(outputs):
+        expected[t] -= params.frequency_penalty * outputs.count(t) + params.presence_penalty
+    return expected
+
+
+def processed(batch: SamplingBatch, logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.clone()
+    for processor in batch.processors:
+        logits = processor.apply(logits)
+    return logits
+
+
+def test_nothing_is_allocated_until_a_request_has_penalties() -> None:
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    plain = [req(str(i), [1, 2]) for i in range(3)]
+    batch = sampler.batch(plain, VOCAB, CPU)
+    sampler.sample(torch.randn(3, VOCAB), batch)
+    assert sampler.history is None
+    assert all(r.history_row == -1 for r in plain)
+
+    sampler.batch([req("p", [1, 2], repetition_penalty=1.2)], VOCAB, CPU)
+    assert sampler.history is not None and sampler.history.num_rows == 1
+    # Later requests without penalties still get no row, and nothing grows for them.
+    sampler.batch(plain, VOCAB, CPU)
+    assert sampler.history.num_rows == 1 and all(r.history_row == -1 for r in plain)
+
+
 def test_a_new_row_holds_prompt_and_outputs() -> None:
     history = TokenHistory(VOCAB, CPU)
     r = req("a", [3, 4, 4], out=[4, 5, 5, 9])
@@ -28,6 +62,43 @@ def test_a_new_row_holds_prompt_and_outputs() -> None:
     counts = torch.zeros(VOCAB)
     counts[[4, 5, 9]] = torch.tensor([1.0, 2.0, 1.0])
     torch.testing.assert_close(rows.counts()[0], counts)
+
+
+def test_the_next_step_sees_the_token_still_in_flight() -> None:
+    """Step 2 is built before the host has step 1's id (num_in_flight = 1, the host lists lack
+    it): its penalties must count that id all the same."""
+    params = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.75)
+    r = req("r", [3, 4], **params)
+    other = req("o", [7])  # no penalties: its row must stay untouched
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    first = torch.randn(2, VOCAB)
+    first[0, 11] = 100.0  # step 1 samples 11 for r
+    sample = sampler.sample(first.clone(), sampler.batch([r, other], VOCAB, CPU))
+    assert sample.to_host().token_ids[0] == 11
+    r.num_in_flight = 1  # sampled on the device, not on the host yet
+
+    second = torch.randn(2, VOCAB)
+    out = processed(sampler.batch([other, r], VOCAB, CPU), second)
+    torch.testing.assert_close(out[0], second[0])
+    torch.testing.assert_close(out[1], defined(second[1], [3, 4, 11], [11], r.params))
+
+    # The host lists, once the id lands, give the same history from scratch.
+    r.num_in_flight, r.output_token_ids = 0, [11]
+    fresh = SamplingBatch.from_requests([other, r], VOCAB, CPU)
+    torch.testing.assert_close(processed(fresh, second), out)
+
+
+def test_repeated_tokens_are_counted_once_per_step() -> None:
+    r = req("r", [1], frequency_penalty=1.0)
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 6] = 100.0
+    for _ in range(3):
+        sampler.sample(logits.clone(), sampler.batch([r], VOCAB, CPU))
+        r.num_in_flight += 1
+    assert sampler.history is not None
+    assert sampler.history.counts[r.history_row, 6].item() == 3.0
+    assert sampler.history.counts[r.history_row].sum().item() == 3.0
 
 
 def test_rows_are_reused_and_reinitialised() -> None:
@@ -79,3 +150,14 @@ def test_a_row_is_never_made_with_tokens_in_flight() -> None:
     r.num_in_flight = 1
     with pytest.raises(RuntimeError, match="in flight"):
         TokenHistory(VOCAB, CPU).rows_for([r], None)
+
+
+def test_min_tokens_counts_the_tokens_in_flight() -> None:
+    """min_tokens bans EOS while fewer tokens were sampled, whether the host has them yet."""
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 0] = 10.0  # eos
+    r = req("m", [1], out=[5], min_tokens=2)
+    r.num_in_flight = 1  # its second token is being sampled: this step draws the third
+    assert processed(SamplingBatch.from_requests([r], VOCAB, CPU), logits)[0, 0] == 10.0
+    r.output_token_ids, r.num_in_flight = [], 1  # this step draws the second: banned
+    assert processed(SamplingBatch.from_requests([r], VOCAB, CPU), logits)[0, 0] == float("-inf")
