@@ -60,16 +60,6 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
         )
 
-    @property
-    def reads_token_history(self) -> bool:
-        """Penalties and min_tokens need every earlier token of the request on the host."""
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-            or self.min_tokens > 0
-        )
-
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

@@ -246,8 +246,7 @@ class EngineCore:
             if self._in_flight is None:
                 return failed
         current = self._in_flight
-        overlaps = self.overlap and not current.sched.samples_history_reader
-        following, failed = self._launch() if overlaps else (None, [])
+        following, failed = self._launch() if self.overlap else (None, [])
         deltas = failed + self._process(current)
         self._in_flight = following
         return deltas

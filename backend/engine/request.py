@@ -167,12 +167,9 @@ class Request:
     num_prefill_chunks: int = 0
     finish_reason: FinishReason | None = None
     times: RequestTimes = field(init=False)
-    # ``params.reads_token_history``, asked of every sampling request every step.
-    reads_token_history: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.times = RequestTimes(arrival=self.arrival_time)
-        self.reads_token_history = self.params.reads_token_history
 
     @property
     def num_prompt_tokens(self) -> int:
