@@ -49,9 +49,6 @@ class SchedulerOutput:
     # The requests this step samples a token for, in batch order.
     samplers: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # A request this step samples for reads its whole token history on the host (penalties,
-    # min_tokens): the next step cannot be scheduled before this step's ids have landed.
-    samples_history_reader: bool = False
     # The block manager's table: row ``request.table_row`` holds each scheduled request's blocks.
     block_table: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
 
@@ -67,8 +64,6 @@ class SchedulerOutput:
         self.scheduled.append(ScheduledRequest(request, num_new_tokens, samples))
         if samples:
             self.samplers.append(request)
-            if request.reads_token_history:
-                self.samples_history_reader = True
 
 
 def _reaches_max_tokens(req: Request) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.request import TokenLogprob
+from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
@@ -253,6 +253,11 @@ class ModelRunner:
         return graphs
 
     # -- execution -------------------------------------------------------------------------
+    def release(self, request: Request) -> None:
+        """Forget a finished request's sampling state (its token-history row). A step already
+        queued may still sample it; whatever it writes is overwritten before reuse."""
+        self.sampler.release(request)
+
     def generator_for(self, seed: int | None) -> torch.Generator | None:
         """A request's own generator when it has a seed (same tokens whatever the batch). The
         Triton sampler keys its counters by the seed instead and needs none."""

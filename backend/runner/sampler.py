@@ -1,5 +1,9 @@
 """Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds and logprobs.
 
+Penalties read each request's earlier tokens from the device (``token_history``), never from
+the host, and every step appends the ids it samples there: so a request with penalties can be
+scheduled while its previous token is still being sampled, like any other.
+
 On CUDA one Triton kernel (``kernels.sampling``) filters and draws every row without sorting the
 vocabulary; its noise is counter-based (Philox keyed by the request's seed, counting by token
 and output position), so a seed gives the same tokens whatever else shares the batch. The torch
@@ -21,6 +25,7 @@ import torch
 
 from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.runner.batch import to_device
+from pagedserve.backend.runner.token_history import HistoryRows, TokenHistory
 from pagedserve.kernels.sampling import kept_threshold, sample_rows
 from pagedserve.kernels.triton_utils import HAS_TRITON
 
@@ -64,30 +69,48 @@ class BannedTokens:
         return logits
 
 
+def _on_rows(
+    logits: torch.Tensor, rows: torch.Tensor | None, change: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``change`` applied to some rows of ``logits`` (None: all of them), the others untouched."""
+    if rows is None:
+        return change(logits)
+    logits.index_copy_(0, rows, change(logits.index_select(0, rows)))
+    return logits
+
+
 @dataclass
 class RepetitionPenalty:
     """Divides positive logits (multiplies negative ones) of every token seen in prompt or
     output."""
 
-    penalty: torch.Tensor  # [N, 1] fp32
-    seen: torch.Tensor  # [N, V] bool
+    rows: torch.Tensor | None  # [P] int64, the batch rows penalised; None: all of them
+    penalty: torch.Tensor  # [P, 1] fp32
+    seen: torch.Tensor  # [P, V] bool
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-        return torch.where(self.seen, penalised, logits)
+        def change(x: torch.Tensor) -> torch.Tensor:
+            penalised = torch.where(x > 0, x / self.penalty, x * self.penalty)
+            return torch.where(self.seen, penalised, x)
+
+        return _on_rows(logits, self.rows, change)
 
 
 @dataclass
 class OccurrencePenalties:
     """Presence and frequency penalties over the tokens generated so far."""
 
-    presence: torch.Tensor  # [N, 1]
-    frequency: torch.Tensor  # [N, 1]
-    counts: torch.Tensor  # [N, V] fp32
+    rows: torch.Tensor | None  # [P] int64, the batch rows penalised; None: all of them
+    presence: torch.Tensor  # [P, 1]
+    frequency: torch.Tensor  # [P, 1]
+    counts: torch.Tensor  # [P, V] fp32
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits - self.frequency * self.counts
-        return logits - self.presence * (self.counts > 0).float()
+        def change(x: torch.Tensor) -> torch.Tensor:
+            x = x - self.frequency * self.counts
+            return x - self.presence * (self.counts > 0).float()
+
+        return _on_rows(logits, self.rows, change)
 
 
 @dataclass
@@ -107,6 +130,8 @@ class SamplingBatch:
     all_greedy: bool
     max_logprobs: int  # -1 when no row wants logprobs
     logprobs_n: list[int | None]
+    # The penalised rows, whose sampled ids are appended to their token history.
+    history_rows: HistoryRows | None = None
 
     @classmethod
     def from_requests(
@@ -115,8 +140,11 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         rng: random.Random | None = None,
+        history: TokenHistory | None = None,
     ) -> SamplingBatch:
-        """``rng`` draws the keys of unseeded rows (a fresh key per row and step)."""
+        """``rng`` draws the keys of unseeded rows (a fresh key per row and step). Penalties
+        read ``history`` (the sampler's, which the steps keep up to date); without one, a
+        history of this batch alone, from the requests' host token lists."""
         params = [r.params for r in requests]
         n = len(requests)
         all_greedy = all(p.temperature == 0.0 for p in params)
@@ -140,13 +168,11 @@ class SamplingBatch:
             if any(p.min_p > 0.0 for p in params):
                 min_p = floats[2]
 
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=dtype), device)
-
         processors: list[LogitsProcessor] = []
         banned = []
         for i, r in enumerate(requests):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            # The host knows how many tokens it has sampled, in flight or not.
+            if len(r.output_token_ids) + r.num_in_flight < r.params.min_tokens:
                 ids = list(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
                     ids += list(r.eos_token_ids)
@@ -154,25 +180,26 @@ class SamplingBatch:
                     banned.append((i, ids))
         if banned:
             processors.append(BannedTokens(banned))
-        if any(p.repetition_penalty != 1.0 for p in params):
-            seen = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
-            for i, r in enumerate(requests):
-                seen[i, torch.tensor(r.all_token_ids, dtype=torch.int64, device=device)] = True
-            penalty = column([p.repetition_penalty for p in params]).unsqueeze(1)
-            processors.append(RepetitionPenalty(penalty, seen))
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-            counts = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
-            for i, r in enumerate(requests):
-                if r.output_token_ids:
-                    out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=device)
-                    counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
-            processors.append(
-                OccurrencePenalties(
-                    presence=column([p.presence_penalty for p in params]).unsqueeze(1),
-                    frequency=column([p.frequency_penalty for p in params]).unsqueeze(1),
-                    counts=counts,
-                )
-            )
+
+        history_rows = None
+        penalised = [i for i, p in enumerate(params) if p.has_penalties]
+        if penalised:
+            if history is None:
+                history = TokenHistory(vocab_size, device)
+            history_rows = history.rows_for(
+                [requests[i] for i in penalised], None if len(penalised) == n else penalised)
+            weights = to_device(torch.tensor(
+                [[params[i].repetition_penalty for i in penalised],
+                 [params[i].presence_penalty for i in penalised],
+                 [params[i].frequency_penalty for i in penalised]], dtype=torch.float32), device)
+            weights = weights.unsqueeze(2)  # [3, P, 1]: one column per parameter
+            rows = history_rows.batch_rows
+            if any(params[i].repetition_penalty != 1.0 for i in penalised):
+                processors.append(RepetitionPenalty(rows, weights[0], history_rows.seen()))
+            if any(params[i].presence_penalty != 0.0 or params[i].frequency_penalty != 0.0
+                   for i in penalised):
+                processors.append(OccurrencePenalties(
+                    rows, presence=weights[1], frequency=weights[2], counts=history_rows.counts()))
 
         logprobs_n = [p.logprobs for p in params]
         wanted = [x for x in logprobs_n if x is not None]
@@ -181,7 +208,7 @@ class SamplingBatch:
             top_k=top_k, top_p=top_p, min_p=min_p, keys=keys, positions=positions,
             processors=processors, generators=[r.generator for r in requests],
             all_greedy=all_greedy, max_logprobs=max(wanted) if wanted else -1,
-            logprobs_n=logprobs_n,
+            logprobs_n=logprobs_n, history_rows=history_rows,
         )
 
 
@@ -259,12 +286,23 @@ class Sampler:
         self.default_generator = default_generator
         # Keys of unseeded rows, reproducible from the engine's seed.
         self.rng = random.Random(default_generator.initial_seed())
+        # Made when the first request with penalties is sampled: until then requests without
+        # any never reach it.
+        self.history: TokenHistory | None = None
 
     def batch(self, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
-        return SamplingBatch.from_requests(requests, vocab_size, device, self.rng)
+        if self.history is None and any(r.params.has_penalties for r in requests):
+            self.history = TokenHistory(vocab_size, device)
+        return SamplingBatch.from_requests(requests, vocab_size, device, self.rng, self.history)
+
+    def release(self, request: Request) -> None:
+        """Forget a finished request: its token-history row goes back."""
+        if self.history is not None:
+            self.history.free(request)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
-        """Sample every row on the logits' device, without any host synchronisation."""
+        """Sample every row on the logits' device, without any host synchronisation; the
+        penalised rows' ids are appended to their token history, queued right behind."""
         logits = logits.float()
         wanted = [i for i, n in enumerate(batch.logprobs_n) if n is not None]
         raw_logprobs = None
@@ -286,6 +324,8 @@ class Sampler:
                 batch.top_k, batch.top_p, batch.min_p)
         else:
             sampled = self._sample(logits, batch)
+        if batch.history_rows is not None:
+            batch.history_rows.append(sampled)
 
         chosen = top_vals = top_ids = None
         if raw_logprobs is not None:
