@@ -87,6 +87,8 @@ class Workload:
     prompt_lens: list[int]
     output_lens: list[int]
     sampled: bool = False
+    # Sampled, plus repetition / presence / frequency penalties, and logprobs on every 4th.
+    penalized: bool = False
 
     @property
     def output_tokens(self) -> int:
@@ -108,6 +110,7 @@ def workloads() -> list[Workload]:
     return [
         Workload("greedy", [p] * n, [o] * n),
         Workload("sampled", [p] * n, [o] * n, sampled=True),
+        Workload("penalized", [p] * n, [o] * n, sampled=True, penalized=True),
         Workload("batch1", [p], [o]),
         Workload("long", [LONG[1]] * LONG[0], [1] * LONG[0]),
         Workload("mixed", mixed_p, mixed_o),
@@ -120,8 +123,12 @@ def run_workload(llm: Any, w: Workload, vocab: int, seed: int) -> float:
     rng = random.Random(seed)
     prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(n)] for n in w.prompt_lens]
     if w.sampled:
+        extra = lambda i: dict(  # noqa: E731
+            repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.2,
+            logprobs=2 if i % 4 == 0 else None) if w.penalized else {}
         params = [SamplingParams(max_tokens=o, temperature=0.8, top_p=0.95, top_k=50,
-                                 seed=seed * 1000 + i, ignore_eos=True, detokenize=False)
+                                 seed=seed * 1000 + i, ignore_eos=True, detokenize=False,
+                                 **extra(i))
                   for i, o in enumerate(w.output_lens)]
     else:
         params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True,
@@ -132,6 +139,8 @@ def run_workload(llm: Any, w: Workload, vocab: int, seed: int) -> float:
     sync()
     seconds = time.perf_counter() - t0
     assert sum(len(o.token_ids) for o in outs) == w.output_tokens
+    if w.penalized:  # logprobs exactly for the rows that asked
+        assert all((o.logprobs is not None) == (i % 4 == 0) for i, o in enumerate(outs))
     return seconds
 
 
