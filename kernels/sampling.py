@@ -220,8 +220,8 @@ def sample_rows(
     top_k: torch.Tensor | None = None,
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
-    block: int = 1024,
-    pivots: int = 4,
+    block: int = 4096,
+    pivots: int = 2,
     rows_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled token ids [N] int64 and each row's smallest kept logit [N] fp32 (the tokens at
