@@ -69,6 +69,12 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     # Requests allowed to wait for admission; beyond it add_request raises QueueFullError.
     max_queued_requests: int = 4096
+    # While requests decode, waiting ones join in groups of at least this many (fewer only
+    # when fewer wait), or once the oldest has waited max_admission_wait_s. A step that
+    # prefills is not a CUDA-graph replay: at saturation, admitting each request as one slot
+    # frees makes nearly every step such a step. 1 admits at once.
+    admission_group: int = 1
+    max_admission_wait_s: float = 0.05
 
 
 @dataclass

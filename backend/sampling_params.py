@@ -56,13 +56,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def reads_token_history(self) -> bool:
-        """Penalties and min_tokens need every earlier token of the request on the host."""
+    def has_penalties(self) -> bool:
+        """Whether a penalty reads the request's earlier tokens (its row of the sampler's token
+        history)."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
-            or self.min_tokens > 0
         )
 
     def validate(self, vocab_size: int | None = None) -> None:

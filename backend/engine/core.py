@@ -221,10 +221,11 @@ class EngineCore:
         return delta
 
     def _release(self, req: Request, final_delta: RequestOutputDelta) -> None:
-        """The one teardown: out of the table and the scheduler, blocks and row freed; the
+        """The one teardown: out of the table and the scheduler, blocks and rows freed; the
         rest of its state goes with the object. Stamps its final delta."""
         req.times.finished = time.time()
         self.scheduler.finish(req)
+        self.runner.release(req)
         del self.requests[req.request_id]
         self.output.final_fields(req, final_delta)
 
@@ -245,8 +246,7 @@ class EngineCore:
             if self._in_flight is None:
                 return failed
         current = self._in_flight
-        overlaps = self.overlap and not current.sched.samples_history_reader
-        following, failed = self._launch() if overlaps else (None, [])
+        following, failed = self._launch() if self.overlap else (None, [])
         deltas = failed + self._process(current)
         self._in_flight = following
         return deltas

@@ -123,9 +123,9 @@ class RequestOutput:
 class Request:
     """One request inside the engine core, and every piece of state it holds there: its tokens,
     scheduling progress, KV blocks and their prefix-cache hashes, its block-table row, its
-    sampling generator and its output (detokenizer and stop-string) state. Finishing it is one
-    call (``Scheduler.finish``), which gives its blocks and row back; everything else goes with
-    the object. The engine thread alone mutates it.
+    sampling generator, its token-history row and its output (detokenizer and stop-string)
+    state. Finishing it is one call (``EngineCore._release``), which gives its blocks and rows
+    back; everything else goes with the object. The engine thread alone mutates it.
     """
 
     request_id: str
@@ -158,18 +158,18 @@ class Request:
     # -- sampling and output (set when the core admits it) -----------------------------------
     generator: torch.Generator | None = None
     output: OutputState | None = None
+    # Its row of the sampler's ``TokenHistory`` once sampled with a penalty, else -1 (written
+    # by the TokenHistory only).
+    history_row: int = -1
 
     num_preemptions: int = 0
     # Steps that ran part of its prefill before the first token (chunked prefill).
     num_prefill_chunks: int = 0
     finish_reason: FinishReason | None = None
     times: RequestTimes = field(init=False)
-    # ``params.reads_token_history``, asked of every sampling request every step.
-    reads_token_history: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.times = RequestTimes(arrival=self.arrival_time)
-        self.reads_token_history = self.params.reads_token_history
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -49,9 +49,6 @@ class SchedulerOutput:
     # The requests this step samples a token for, in batch order.
     samplers: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # A request this step samples for reads its whole token history on the host (penalties,
-    # min_tokens): the next step cannot be scheduled before this step's ids have landed.
-    samples_history_reader: bool = False
     # The block manager's table: row ``request.table_row`` holds each scheduled request's blocks.
     block_table: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
 
@@ -67,8 +64,6 @@ class SchedulerOutput:
         self.scheduled.append(ScheduledRequest(request, num_new_tokens, samples))
         if samples:
             self.samplers.append(request)
-            if request.reads_token_history:
-                self.samples_history_reader = True
 
 
 def _reaches_max_tokens(req: Request) -> bool:
@@ -82,6 +77,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # When admission was first held back for a group (None: not held back now).
+        self._deferred_since: float | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -127,8 +124,28 @@ class Scheduler:
                     req.num_prefill_chunks += 1
         return out
 
+    def _admission_deferred(self) -> bool:
+        """Whether waiting requests hold back this step to join later in a group: while fewer
+        slots are free than the group needs, for at most max_admission_wait_s from the first
+        step that could have admitted one."""
+        group = min(self.config.admission_group, len(self.waiting))
+        free = self.config.max_num_seqs - len(self.running)
+        resumes = self.waiting and self.waiting[0].status is RequestStatus.PREEMPTED
+        if group <= 1 or not self.running or free >= group or free == 0 or resumes:
+            self._deferred_since = None
+            return False
+        now = time.monotonic()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        if now - self._deferred_since < self.config.max_admission_wait_s:
+            return True
+        self._deferred_since = None
+        return False
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
+        if self._admission_deferred():
+            return
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_in_flight:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.backend.config import EngineConfig
-from pagedserve.backend.engine.request import TokenLogprob
+from pagedserve.backend.engine.request import Request, TokenLogprob
 from pagedserve.backend.engine.scheduler import SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.loader import LoadedModel, load_model, resolve_dtype
@@ -43,7 +43,7 @@ from pagedserve.backend.runner.batch import (
 from pagedserve.backend.runner.distributed import LaunchEnv, TensorParallelGroup
 from pagedserve.backend.runner.graphs import DecodeGraphs
 from pagedserve.backend.runner.kv_cache import KVCacheShape, num_kv_blocks
-from pagedserve.backend.runner.sampler import DeviceSample, Sampler, SamplingBatch
+from pagedserve.backend.runner.sampler import DeviceSample, Sampler, uses_kernel
 from pagedserve.backend.runner.tp_leader import TensorParallelLeader
 
 # How long shutdown waits for an in-flight step before stopping the workers without a word.
@@ -253,9 +253,15 @@ class ModelRunner:
         return graphs
 
     # -- execution -------------------------------------------------------------------------
+    def release(self, request: Request) -> None:
+        """Forget a finished request's sampling state (its token-history row). A step already
+        queued may still sample it; whatever it writes is overwritten before reuse."""
+        self.sampler.release(request)
+
     def generator_for(self, seed: int | None) -> torch.Generator | None:
-        """A request's own generator when it has a seed (same tokens whatever the batch)."""
-        if seed is None:
+        """A request's own generator when it has a seed (same tokens whatever the batch). The
+        Triton sampler keys its counters by the seed instead and needs none."""
+        if seed is None or uses_kernel(self.device):
             return None
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -273,7 +279,7 @@ class ModelRunner:
             if logits is None:
                 return LaunchedStep(None)
             assert sample_slots is not None  # rank 0 always has them
-            sampling = SamplingBatch.from_requests(samplers, logits.shape[-1], self.device)
+            sampling = self.sampler.batch(samplers, logits.shape[-1], self.device)
             sample = self.sampler.sample(logits, sampling)
             self.in_flight.store(sample_slots, sample.token_ids)
             sample.start_copy()

@@ -137,3 +137,51 @@ def test_random_workload_never_deadlocks_and_frees_everything() -> None:
     assert sched.num_unfinished == 0
     assert bm.num_free_blocks == 12
     assert all(len(r.output_token_ids) == r.params.max_tokens for r in reqs)
+
+
+def test_admission_group_waits_for_enough_free_slots_then_admits_together() -> None:
+    """At saturation, waiting requests join in groups (one prefilling step, not one per freed
+    slot), and no longer than max_admission_wait_s after they first could have."""
+    config = SchedulerConfig(max_num_batched_tokens=1000, max_num_seqs=4, admission_group=3,
+                             max_admission_wait_s=3600.0)
+    sched = Scheduler(config, manager(256, 4))
+    running = [make(f"r{i}", 4, max_tokens=100) for i in range(4)]
+    for r in running:
+        sched.add_request(r)
+    run_step(sched, sched.schedule())
+    for rid in "abcde":
+        sched.add_request(make(rid, 4))
+
+    def admitted() -> list[str]:
+        """The waiting requests the next step admits."""
+        waiting = {r.request_id for r in sched.waiting}
+        out = sched.schedule()
+        run_step(sched, out)
+        return [s.request.request_id for s in out.scheduled if s.request.request_id in waiting]
+
+    for n_finished in (1, 2):
+        sched.finish(running[n_finished - 1])
+        assert admitted() == [], f"{n_finished} free slots of a group of 3: none joins yet"
+    sched.finish(running[2])
+    assert admitted() == ["a", "b", "c"]
+
+    # With one slot free and the wait over, the next one joins alone.
+    sched.config.max_admission_wait_s = 0.0
+    sched.finish(running[3])
+    assert admitted() == ["d"]
+
+
+def test_admission_group_never_holds_back_a_preempted_request() -> None:
+    config = SchedulerConfig(max_num_batched_tokens=1000, max_num_seqs=4, admission_group=3,
+                             max_admission_wait_s=3600.0)
+    sched = Scheduler(config, manager(256, 4))
+    for i in range(4):
+        sched.add_request(make(f"r{i}", 4, max_tokens=100))
+    run_step(sched, sched.schedule())
+    for rid in "abcde":
+        sched.add_request(make(rid, 4))
+    victim = sched.running.pop()
+    sched._preempt(victim)  # as a step short of blocks does
+    out = sched.schedule()
+    assert [s.request for s in out.scheduled if s.request.status is RequestStatus.RUNNING][-1] is victim
+    assert [r.request_id for r in sched.waiting] == list("abcde")

@@ -3,12 +3,11 @@
 Every random draw is seeded: the logits through the autouse fixture below (torch's global
 generator, reset before each test), the sampler's draws through the generators ``run`` builds.
 The statistical tests compare empirical token frequencies with the distribution the parameters
-define, at tolerances derived in ``tolerance``.
+define, at the tolerances ``tests.sampling_stats`` derives (a correct sampler fails one
+comparison with probability at most 1e-6, for any seed).
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ import torch
 from pagedserve.backend.engine.request import Request
 from pagedserve.backend.runner.sampler import Sampler, SamplingBatch
 from pagedserve.backend.sampling_params import SamplingParams
+from tests.sampling_stats import assert_support, renormalised, top_n
+from tests.sampling_stats import assert_frequencies as _assert_frequencies
 
 VOCAB = 50
 # The statistical tests first check that their logits can tell each mistake they list apart
@@ -25,9 +26,6 @@ VOCAB = 50
 LOGITS_SEED = 1
 # Draws per frequency test (one row each; 20k rows of 50 logits sample in well under a second).
 N_DRAWS = 20_000
-# Probability that a correct sampler fails one frequency comparison, over the sampler's draws:
-# for any seed, not only the fixed one.
-FALSE_FAILURE = 1e-6
 
 
 @pytest.fixture(autouse=True)
@@ -68,73 +66,17 @@ def test_mixed_greedy_and_random_rows() -> None:
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
+def assert_frequencies(
+    freq: torch.Tensor, expected: torch.Tensor, wrong: dict[str, torch.Tensor]
+) -> None:
+    _assert_frequencies(freq, expected, wrong, N_DRAWS)
+
+
 def empirical(params: dict, logits_row: torch.Tensor, n: int = N_DRAWS) -> torch.Tensor:
     """Token frequencies of ``n`` independent draws (one row each) with ``params``."""
     logits = logits_row.expand(n, VOCAB).contiguous()
     out = run([req(str(i), **params) for i in range(n)], logits, seed=1)
     return torch.bincount(torch.tensor(out.token_ids), minlength=VOCAB).double() / n
-
-
-def tolerance(p: torch.Tensor, n: int = N_DRAWS, failure: float = FALSE_FAILURE) -> torch.Tensor:
-    """Per token, a t with P(|freq - p| >= t) <= failure / VOCAB, where freq is the frequency of
-    a token of probability p in n independent draws.
-
-    freq is the mean of n independent indicators of variance p (1 - p), each within 1 of p, so
-    Bernstein's inequality gives P(|freq - p| >= t) <= 2 exp(-n t^2 / (2 p (1 - p) + 2 t / 3)).
-    Setting the right side to failure / VOCAB, with L = ln(2 VOCAB / failure), and solving for t:
-
-        t = L / (3 n) + sqrt((L / (3 n))^2 + 2 p (1 - p) L / n)
-
-    By the union bound, every token of the vocabulary is then within its t of its probability
-    except with probability ``failure``. Unlike the normal approximation (about 4 sqrt(p (1 - p)
-    / n)) it holds for small p too. For n = 20000 and failure = 1e-6 (L = 18.4): t = 0.022 at
-    p = 0.5, 0.013 at p = 0.1, 0.0063 at p = 0.02 and 0.0006 at p = 0.
-    """
-    a = math.log(2 * VOCAB / failure) / (3 * n)
-    return a + torch.sqrt(a * a + 6 * a * p * (1 - p))
-
-
-def assert_frequencies(
-    freq: torch.Tensor, expected: torch.Tensor, wrong: dict[str, torch.Tensor]
-) -> None:
-    """``freq`` is within tolerance of ``expected`` on every token; first, each of the ``wrong``
-    distributions (what a broken sampler would draw from) is shown to fail that check.
-
-    A wrong distribution q fails it when, on some token, |q - expected| exceeds
-    tolerance(expected) + tolerance(q): a sampler drawing from q lands within tolerance(q) of q
-    there (except with probability FALSE_FAILURE), so beyond tolerance(expected) of expected.
-    Checking that on these (seeded) logits makes sure the test can tell each mistake apart."""
-    expected = expected.double()
-    tol = tolerance(expected)
-    for name, q in wrong.items():
-        q = q.double()
-        margin = (q - expected).abs() - tol - tolerance(q)
-        assert margin.max() > 0, f"these logits cannot tell a sampler that {name} apart"
-    excess = (freq - expected).abs() - tol
-    worst = int(excess.argmax())
-    assert excess[worst] <= 0, (
-        f"token {worst}: frequency {float(freq[worst]):.4f}, probability "
-        f"{float(expected[worst]):.4f}, tolerance {float(tol[worst]):.4f}"
-    )
-
-
-def assert_support(freq: torch.Tensor, allowed: torch.Tensor) -> None:
-    """Tokens the filters remove have probability exactly 0: not one draw may land on them."""
-    drawn = set(torch.nonzero(freq).flatten().tolist())
-    assert drawn <= set(torch.nonzero(allowed).flatten().tolist())
-
-
-def renormalised(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``probs`` restricted to the tokens ``keep`` marks, renormalised."""
-    kept = torch.where(keep, probs, torch.zeros_like(probs))
-    return kept / kept.sum()
-
-
-def top_n(probs: torch.Tensor, n: int) -> torch.Tensor:
-    """The mask of the n most probable tokens."""
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    keep[probs.topk(n).indices] = True
-    return keep
 
 
 def test_temperature_sampling_matches_softmax() -> None:
