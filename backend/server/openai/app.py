@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler, Middleware
 from pagedserve.backend.config import ServerConfig
 from pagedserve.backend.server import security
 from pagedserve.backend.server.openai.errors import ApiError
-from pagedserve.backend.server.openai.routes import HEALTH, OpenAIRoutes
+from pagedserve.backend.server.openai.routes import BODY_LIMIT, HEALTH, OpenAIRoutes
 from pagedserve.backend.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def build_app(state: ServerState, config: ServerConfig) -> web.Application:
     if config.api_key is not None:
         middlewares.append(require_api_key(security.ApiKey(config.api_key)))
     app = web.Application(middlewares=middlewares, client_max_size=config.max_message_bytes)
+    app[BODY_LIMIT] = config.max_message_bytes
     OpenAIRoutes(state).add_to(app)
     return app
 

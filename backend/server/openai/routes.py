@@ -52,6 +52,8 @@ CHAT_COMPLETIONS = "/v1/chat/completions"
 MODELS = "/v1/models"
 HEALTH = "/health"
 OWNER = "pagedserve"
+# The application's body limit (``client_max_size``), for the 413's message.
+BODY_LIMIT = web.AppKey("body_limit", int)
 
 Trace = RpcTrace | NoTrace
 
@@ -289,7 +291,15 @@ def _dumps(value: Any) -> str:
 
 
 async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()  # over the body limit: 413 (the app's middleware words it)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"body: larger than this server's limit of {request.app[BODY_LIMIT]} bytes "
+            "(--max-message-bytes)",
+            "body",
+        ) from None
     try:
         return json.loads(raw)
     except ValueError as error:  # UnicodeDecodeError included
