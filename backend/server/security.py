@@ -15,6 +15,8 @@
   refused call never reaches a service: it ends at once with UNAUTHENTICATED, gets no span (a
   caller without the key cannot make the server write traces) and is logged, at most one line
   a minute with the count.
+- **The HTTP API** (``backend/server/openai/app.py``): the gRPC port's TLS material and key,
+  ``Authorization: Bearer`` on every path but ``/health``, 401 in OpenAI's error shape.
 - **Metrics** (``TelemetryConfig.metrics_*``): the same checks over HTTP: TLS from the given
   files, and when ``metrics_api_key`` is set, ``Authorization: Bearer`` or 401 with
   ``WWW-Authenticate: Bearer``.
