@@ -267,7 +267,9 @@ class RequestBuilder:
                 tokenize=True,
             )
         except TemplateError as error:  # the template's own checks (say, alternating roles)
-            raise InvalidRequestError("messages", f"the chat template refused them: {error}") from None
+            raise InvalidRequestError(
+                "messages", f"the chat template refused them: {error}"
+            ) from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

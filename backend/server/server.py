@@ -3,8 +3,8 @@
 
 ``run_server`` is the whole life of a server: start listening (health NOT_SERVING, generation
 UNAVAILABLE, HTTP 503), load and warm the engine in a worker thread, flip to SERVING, wait for a
-stop signal, drain both ports, shut the engine down. ``BackgroundServer`` runs the same on a thread of its own
-for tests and the in-process serving benchmark.
+stop signal, drain both ports, shut the engine down. ``BackgroundServer`` runs the same on a
+thread of its own for tests and the in-process serving benchmark.
 
 Other services join through ``SERVICE_PLUGINS``: modules whose
 ``add_<name>_service(server, state) -> list[str]`` registers on the server and returns the full

@@ -53,7 +53,9 @@ def submit_choices(
                 if n > 1 and params.seed is not None:
                     seeded = replace(params, seed=params.seed + i)
                 engine_id = choice_request_id(request_id, p * n + i)
-                stream = engine.generate(prompt_token_ids=prompt, params=seeded, request_id=engine_id)
+                stream = engine.generate(
+                    prompt_token_ids=prompt, params=seeded, request_id=engine_id
+                )
                 streams.append((engine_id, stream))
     except BaseException:
         for engine_id, _ in streams:

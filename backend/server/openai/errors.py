@@ -52,8 +52,8 @@ class ApiError(Exception):
 
     @property
     def type(self) -> str:
-        default = _SERVER_ERROR if self.status >= HTTPStatus.INTERNAL_SERVER_ERROR else _CLIENT_ERROR
-        return _TYPES.get(self.status, default)
+        server_side = self.status >= HTTPStatus.INTERNAL_SERVER_ERROR
+        return _TYPES.get(self.status, _SERVER_ERROR if server_side else _CLIENT_ERROR)
 
     def body(self) -> dict[str, Any]:
         return {

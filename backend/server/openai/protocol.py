@@ -97,7 +97,9 @@ def _kind(value: Any) -> str:
 class _Body:
     """A request's JSON object; ``null`` counts as absent, as OpenAI's optional fields do."""
 
-    def __init__(self, data: Any, known: frozenset[str], no_ops: Mapping[str, Callable[[Any], bool]]):
+    def __init__(
+        self, data: Any, known: frozenset[str], no_ops: Mapping[str, Callable[[Any], bool]]
+    ) -> None:
         if not isinstance(data, dict):
             raise InvalidRequestError("body", f"must be a JSON object, got {_kind(data)}")
         for name, value in data.items():

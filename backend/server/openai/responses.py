@@ -45,7 +45,9 @@ class TokenTexts:
 def joined(deltas: Sequence[RequestOutputDelta]) -> RequestOutputDelta:
     """A choice's deltas as one (text and tokens joined, the final fields of the last)."""
     last = deltas[-1]
-    logprobs = [lp for d in deltas for lp in d.logprobs or ()] if last.logprobs is not None else None
+    logprobs = None
+    if last.logprobs is not None:
+        logprobs = [lp for d in deltas for lp in d.logprobs or ()]
     return RequestOutputDelta(
         last.request_id,
         "".join(d.text for d in deltas),

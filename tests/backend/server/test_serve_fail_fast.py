@@ -107,7 +107,8 @@ def test_a_busy_http_port_exits_with_one_line(tiny_llama_dir: Path) -> None:
         done = _serve("--port", "0", "--http-port", str(port), "--model", str(tiny_llama_dir))
     assert done.returncode == 1, done.stderr
     last = _last_line(done)
-    assert last.startswith("pagedserve serve: cannot serve the HTTP API on") and str(port) in last, last
+    assert last.startswith("pagedserve serve: cannot serve the HTTP API on"), last
+    assert str(port) in last, last
     _no_traceback(done)
 
 
@@ -122,7 +123,8 @@ def test_the_flag_keeps_a_failed_server_listening(tmp_path: Path, flag: str) -> 
     with pytest.raises(subprocess.TimeoutExpired):
         subprocess.run(
             [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--model",
+             "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu",
+             "--model",
              str(tmp_path / "nowhere"), flag],
             capture_output=True, text=True, timeout=15,
         )

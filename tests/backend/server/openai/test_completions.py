@@ -19,7 +19,8 @@ NO_EOS = {"ignore_eos": True}
 def _complete(oai: openai.OpenAI, model: str, **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", MAX_TOKENS)
     extra = {**NO_EOS, **kwargs.pop("extra_body", {})}
-    return oai.completions.create(model=model, prompt=kwargs.pop("prompt", PROMPT), extra_body=extra, **kwargs)
+    prompt = kwargs.pop("prompt", PROMPT)
+    return oai.completions.create(model=model, prompt=prompt, extra_body=extra, **kwargs)
 
 
 def test_greedy_text_equals_the_grpc_apis(
@@ -32,7 +33,8 @@ def test_greedy_text_equals_the_grpc_apis(
     assert choice.index == 0 and choice.finish_reason == "length"
     assert choice.text == native.text and choice.text
     # Usage in the tokenizer's counts.
-    assert response.usage.prompt_tokens == len(tokenizer.encode(PROMPT)) == native.usage.prompt_tokens
+    prompt_tokens = len(tokenizer.encode(PROMPT))
+    assert response.usage.prompt_tokens == prompt_tokens == native.usage.prompt_tokens
     assert response.usage.completion_tokens == MAX_TOKENS
     assert response.usage.total_tokens == response.usage.prompt_tokens + MAX_TOKENS
 

@@ -95,9 +95,15 @@ BAD_CHATS: list[tuple[str, dict[str, Any]]] = [
             {"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}},
         ]}]},
     ),
-    ("messages[0].content[0].text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+    (
+        "messages[0].content[0].text",
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    ),
     ("messages[0].name", {"messages": [{"role": "user", "content": "Hi", "name": 3}]}),
-    ("messages[0].tool_calls", {"messages": [{"role": "user", "content": "Hi", "tool_calls": [{}]}]}),
+    (
+        "messages[0].tool_calls",
+        {"messages": [{"role": "user", "content": "Hi", "tool_calls": [{}]}]},
+    ),
     ("messages[0].weight", {"messages": [{"role": "user", "content": "Hi", "weight": 1}]}),
     ("messages", {"messages": [{"role": "user", "content": "word " * 2000}]}),  # beyond context
     ("max_completion_tokens", {"max_completion_tokens": 0}),

@@ -50,7 +50,9 @@ def _oai(server: BackgroundServer, pki: Pki, key: str) -> openai.OpenAI:
 def _get(server: BackgroundServer, path: str, context: ssl.SSLContext,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     host, port = server.http_address.rsplit(":", 1)
-    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=CALL_TIMEOUT_S)
+    connection = http.client.HTTPSConnection(
+        host, int(port), context=context, timeout=CALL_TIMEOUT_S
+    )
     try:
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
