@@ -16,7 +16,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.client import AsyncGenerationClient, GenerationClient
 from tests.backend.server.harness import all_blocks_free, wait_for
-from tests.backend.server.openai.conftest import CALL_TIMEOUT_S, base_url
+from tests.backend.server.test_openai.conftest import CALL_TIMEOUT_S, base_url
 
 STREAMS = 16
 MAX_TOKENS = 8

@@ -15,7 +15,7 @@ import pytest
 
 from pagedserve.backend.server.server import BackgroundServer
 from tests.backend.server.harness import TINY_ENGINE, running_server
-from tests.backend.server.openai.conftest import CALL_TIMEOUT_S
+from tests.backend.server.test_openai.conftest import CALL_TIMEOUT_S
 from tests.certs import Pki
 
 KEY = "k3y-0f-the-http-server"

@@ -21,7 +21,7 @@ from tests.backend.server.harness import (
     gated_model_loading,
     running_server,
 )
-from tests.backend.server.openai.conftest import CALL_TIMEOUT_S, openai_client
+from tests.backend.server.test_openai.conftest import CALL_TIMEOUT_S, openai_client
 
 TOO_MANY_STOPS = [f"s{i}" for i in range(17)]  # the default limit is 16 (--max-stop-strings)
 
