@@ -186,10 +186,14 @@ class TelemetryConfig:
 
 @dataclass
 class ServerConfig:
-    """The gRPC edge (``pagedserve serve``): where it listens and how it treats connections."""
+    """The edge (``pagedserve serve``): where its gRPC and HTTP ports listen and how they treat
+    connections."""
 
     host: str = "0.0.0.0"
     port: int = 8001
+    # The OpenAI-compatible HTTP API (backend/server/openai/), on the same host; 0 picks a free
+    # port, None turns it off (`pagedserve serve --http-port 0`).
+    http_port: int | None = 8000
     # gRPC's default is 4 MiB; 16 MiB carries a prompt of about 4M characters or token ids and
     # still refuses (RESOURCE_EXHAUSTED) what no model could take.
     max_message_bytes: int = 16 * 1024 * 1024

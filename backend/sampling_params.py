@@ -13,6 +13,8 @@ MAX_LOGPROBS = 20
 # would fail). top_k keeps to the native API's int32 field on every front.
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_TOP_K = 2**31 - 1
+# A logit bias is added to the token's logit: -100 bans it in practice, +100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -44,6 +46,8 @@ class SamplingParams:
     # False skips text entirely (token ids only): for benchmarks whose random token ids the
     # tokenizer need not know.
     detokenize: bool = True
+    # Added to these tokens' logits before sampling (token id -> bias in [-100, 100]).
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -108,7 +112,23 @@ class SamplingParams:
             raise InvalidRequestError("stop", "stop strings need detokenize=True")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"ids must be in [0, {vocab_size})")
+        if self.logit_bias is not None:
+            self._validate_logit_bias(vocab_size)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(
                 "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"
             )
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        assert self.logit_bias is not None
+        for token_id, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(
+                    "logit_bias", f"token ids must be in [0, {vocab_size}), got {token_id}"
+                )
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # also rejects NaN
+                raise InvalidRequestError(
+                    "logit_bias",
+                    f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                    f"got {bias} for token {token_id}",
+                )

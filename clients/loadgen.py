@@ -346,7 +346,9 @@ def _in_process_report(
     llm = LLM.from_config(engine_config.sharing_device(0, engines)) if args.compare_offline else None
     reports: list[BenchReport] = []
     offline: list[float] = []
-    config = ServerConfig(host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0))
+    config = ServerConfig(
+        host="127.0.0.1", port=0, http_port=None, telemetry=TelemetryConfig(metrics_port=0)
+    )
     with BackgroundServer(config, engine_config.sharing_device(engines - 1, engines)) as server:
         server.wait_ready()
         for round_index in range(args.repeat):

@@ -365,8 +365,22 @@ class EngineClient:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._builder.tokenize(text, add_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._builder.render_chat(messages)
+    def render_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        return self._builder.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+    def room_for_output(self, num_prompt_tokens: int) -> int:
+        """The largest ``max_tokens`` a prompt of this length may ask for (``RequestBuilder``)."""
+        return self._builder.room_for_output(num_prompt_tokens)
 
     def add_step_listener(self, listener: StepListener) -> None:
         """``listener(StepInfo)`` is called after every step, before its deltas are delivered,
@@ -429,6 +443,19 @@ class EngineClient:
                         self._channel.send(AbortRequest(request_id))
                     else:
                         del self._streams[request_id]
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request whose stream will not be read again, whether it was ever iterated or
+        not (closing an async generator that never started does not run its cleanup, so a
+        caller holding several streams calls this for each). A no-op once it has finished."""
+        with self._lock:
+            if self._streams.get(request_id) is None:
+                return
+            if self._error is None:
+                self._streams[request_id] = None
+                self._channel.send(AbortRequest(request_id))
+            else:
+                del self._streams[request_id]
 
     def shutdown(self) -> None:
         """Stop the loop (running requests end as aborted, streams fail) and wait for it."""

@@ -228,7 +228,16 @@ class RequestBuilder:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def render_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """The messages through the model's chat template. ``continue_final_message`` leaves
+        the last (assistant) message open for the model to go on with, so it excludes
+        ``add_generation_prompt``."""
         if not messages:
             raise InvalidRequestError("messages", "must not be empty")
         for i, m in enumerate(messages):
@@ -236,10 +245,43 @@ class RequestBuilder:
                 raise InvalidRequestError(
                     "messages", f"message {i}: role must be system, user or assistant"
                 )
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise InvalidRequestError(
+                    "continue_final_message", "needs add_generation_prompt to be false"
+                )
+            if messages[-1].get("role") != "assistant":
+                raise InvalidRequestError(
+                    "continue_final_message", "needs the last message to be the assistant's"
+                )
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequestError("messages", "this model has no chat template")
+        # transformers renders chat templates with jinja2 (torch needs it too).
+        from jinja2.exceptions import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=True,
+            )
+        except TemplateError as error:  # the template's own checks (say, alternating roles)
+            raise InvalidRequestError(
+                "messages", f"the chat template refused them: {error}"
+            ) from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+    def room_for_output(self, num_prompt_tokens: int) -> int:
+        """The most tokens a prompt of this length may ask for: what the model's context, the
+        whole KV cache and ``--max-output-tokens`` leave (at least 1, so that a prompt with no
+        room left is refused for its own length)."""
+        room = min(self.max_model_len, self.num_blocks * self.block_size) - num_prompt_tokens
+        if self.limits.max_output_tokens is not None:
+            room = min(room, self.limits.max_output_tokens)
+        return max(room, 1)
 
     def build(
         self,

@@ -200,6 +200,7 @@ class SamplingBatch:
                    for i in penalised):
                 processors.append(OccurrencePenalties(
                     rows, presence=weights[1], frequency=weights[2], counts=history_rows.counts()))
+        processors.extend(LogitBias.for_requests(requests, device))
 
         logprobs_n = [p.logprobs for p in params]
         wanted = [x for x in logprobs_n if x is not None]
@@ -361,3 +362,38 @@ class Sampler:
                 noise[i].exponential_(generator=g)
         random_tokens = (probs / noise).argmax(dim=-1)
         return torch.where(greedy_rows, greedy_tokens, random_tokens)
+
+
+@dataclass
+class LogitBias:
+    """``SamplingParams.logit_bias``: fixed additions to some tokens' logits of some rows,
+    applied with the other processors (the reported logprobs stay the model's own)."""
+
+    rows: torch.Tensor  # [M] int64, the row of each biased (row, token) pair
+    token_ids: torch.Tensor  # [M] int64
+    biases: torch.Tensor  # [M] fp32
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_put_((self.rows, self.token_ids), self.biases, accumulate=True)
+
+    @classmethod
+    def for_requests(cls, requests: list[Request], device: torch.device) -> list[LogitBias]:
+        """One processor for the step's biased rows, or none when no request has a bias."""
+        rows: list[int] = []
+        token_ids: list[int] = []
+        biases: list[float] = []
+        for row, request in enumerate(requests):
+            bias = request.params.logit_bias
+            if bias:
+                rows.extend([row] * len(bias))
+                token_ids.extend(bias)
+                biases.extend(bias.values())
+        if not rows:
+            return []
+        return [
+            cls(
+                to_device(torch.tensor(rows, dtype=torch.int64), device),
+                to_device(torch.tensor(token_ids, dtype=torch.int64), device),
+                to_device(torch.tensor(biases, dtype=torch.float32), device),
+            )
+        ]

@@ -1,4 +1,5 @@
-"""``pagedserve serve``: the gRPC server on the engine flags plus the edge's own."""
+"""``pagedserve serve``: the gRPC server and the HTTP API on the engine flags plus the edge's
+own."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pagedserve.backend.telemetry.cli import add_telemetry_args, telemetry_confi
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # A configuration that cannot work, as argparse exits for a bad flag.
 CONFIG_ERROR_EXIT = 2
+_MAX_PORT = 65535
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -32,7 +34,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     group = parser.add_argument_group("server")
     group.add_argument("--host", default=defaults.host, help="address to listen on")
-    group.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    group.add_argument(
+        "--port", type=int, default=defaults.port, help="the gRPC port; 0 picks a free port"
+    )
+    group.add_argument(
+        "--http-port", type=_http_port, default=defaults.http_port,
+        help="the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health); 0 turns it off",
+    )
     group.add_argument(
         "--drain-timeout",
         dest="drain_timeout_s",
@@ -83,10 +92,12 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
     """TLS, mTLS and the API key (backend/server/security.py)."""
     group = parser.add_argument_group(
         "security",
-        "TLS on the gRPC port with --ssl-certfile and --ssl-keyfile; mTLS with --ssl-ca-certs "
-        f"too. An API key (--api-key, --api-key-file or ${API_KEY_ENV}) makes every RPC but "
-        "health and reflection require metadata 'authorization: Bearer <key>' (UNAUTHENTICATED "
-        "otherwise). A bad file or combination fails the start with one error line.",
+        "TLS on the gRPC and HTTP ports with --ssl-certfile and --ssl-keyfile; mTLS with "
+        f"--ssl-ca-certs too. An API key (--api-key, --api-key-file or ${API_KEY_ENV}) makes "
+        "every RPC but health and reflection require metadata 'authorization: Bearer <key>' "
+        "(UNAUTHENTICATED otherwise), and every HTTP request but /health the header "
+        "'Authorization: Bearer <key>' (401 otherwise). A bad file or combination fails the "
+        "start with one error line.",
     )
     group.add_argument(
         "--ssl-certfile", metavar="PEM", help="the server's certificate chain (TLS)"
@@ -120,6 +131,14 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _http_port(text: str) -> int | None:
+    """0 is "off" here (a free port is for tests, through ServerConfig)."""
+    value = int(text)
+    if not 0 <= value <= _MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port number, got {value}")
+    return value or None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -133,6 +152,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     config = ServerConfig(
         host=args.host,
         port=args.port,
+        http_port=args.http_port,
         drain_timeout_s=args.drain_timeout_s,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,
@@ -200,8 +220,9 @@ def register_serve(sub: SubParsers) -> None:
 
     parser = sub.add_parser(
         "serve",
-        help="serve the model over gRPC",
-        description="Serve pagedserve.v1.GenerationService, health and reflection on one port.",
+        help="serve the model over gRPC and the OpenAI-compatible HTTP API",
+        description="Serve pagedserve.v1.GenerationService, KServe v2, health and reflection on "
+        "the gRPC port, and the OpenAI-compatible API on the HTTP port.",
     )
     add_server_args(parser)
     add_engine_args(parser)

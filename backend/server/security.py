@@ -15,6 +15,8 @@
   refused call never reaches a service: it ends at once with UNAUTHENTICATED, gets no span (a
   caller without the key cannot make the server write traces) and is logged, at most one line
   a minute with the count.
+- **The HTTP API** (``backend/server/openai/app.py``): the gRPC port's TLS material and key,
+  ``Authorization: Bearer`` on every path but ``/health``, 401 in OpenAI's error shape.
 - **Metrics** (``TelemetryConfig.metrics_*``): the same checks over HTTP: TLS from the given
   files, and when ``metrics_api_key`` is set, ``Authorization: Bearer`` or 401 with
   ``WWW-Authenticate: Bearer``.
@@ -326,7 +328,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, key: ApiKey, open_services: frozenset[str] = OPEN_SERVICES) -> None:
         self._key = key
         self._open = open_services
-        self._refusals = _RefusalLog(_REFUSAL_LOG_INTERVAL_S)
+        self._refusals = RefusalLog(_REFUSAL_LOG_INTERVAL_S)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -347,7 +349,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler | None, method: str, reason: str, log: _RefusalLog
+    handler: grpc.RpcMethodHandler | None, method: str, reason: str, log: RefusalLog
 ) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         log.note(method, context.peer(), reason)
@@ -367,7 +369,7 @@ def _refusal(
     return grpc.unary_stream_rpc_method_handler(refuse)
 
 
-class _RefusalLog:
+class RefusalLog:
     """One warning per ``interval_s`` at most, with how many calls were refused meanwhile."""
 
     def __init__(self, interval_s: float) -> None:

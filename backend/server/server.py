@@ -1,9 +1,10 @@
-"""The gRPC server: every service on one port, the model loaded after the port is open.
+"""The server: every gRPC service on one port, the OpenAI-compatible HTTP API on another
+(``backend/server/openai/``), the model loaded after both are open.
 
 ``run_server`` is the whole life of a server: start listening (health NOT_SERVING, generation
-UNAVAILABLE), load and warm the engine in a worker thread, flip to SERVING, wait for a stop
-signal, drain, shut the engine down. ``BackgroundServer`` runs the same on a thread of its own
-for tests and the in-process serving benchmark.
+UNAVAILABLE, HTTP 503), load and warm the engine in a worker thread, flip to SERVING, wait for a
+stop signal, drain both ports, shut the engine down. ``BackgroundServer`` runs the same on a
+thread of its own for tests and the in-process serving benchmark.
 
 Other services join through ``SERVICE_PLUGINS``: modules whose
 ``add_<name>_service(server, state) -> list[str]`` registers on the server and returns the full
@@ -39,6 +40,7 @@ from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
 
 if TYPE_CHECKING:
     from pagedserve.backend.engine.client import EngineClient
+    from pagedserve.backend.server.openai.app import OpenAIServer
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,12 @@ class StartedServer:
     state: ServerState
     port: int
     service_names: list[str]
+    # The OpenAI-compatible HTTP API, unless ``http_port`` is None.
+    http: OpenAIServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
 
 async def start_server(config: ServerConfig, state: ServerState) -> StartedServer:
@@ -122,9 +130,20 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
         raise OSError(f"cannot listen on {address}: {error}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address} (in use, or not this machine's address)")
+    http = None
+    if config.http_port is not None:
+        from pagedserve.backend.server.openai.app import OpenAIServer
+
+        # Bound before the gRPC server starts, so a busy HTTP port fails the start alike.
+        http = OpenAIServer(config, state, config.drain_timeout_s + _ABORT_FLUSH_S)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(None)  # gives the gRPC port back
+            raise
     await server.start()
     logger.info("listening on %s:%d (%s)", config.host, port, ", ".join(names))
-    return StartedServer(server, state, port, names)
+    return StartedServer(server, state, port, names, http)
 
 
 def add_reflection_service(server: grpc.aio.Server, names: Sequence[str]) -> None:
@@ -300,11 +319,14 @@ async def drain(
     progress = logger.debug if quiet else logger.info
     progress("draining: in-flight requests get up to %.0f s", timeout_s)
     await state.mark_draining()
-    # Stopping closes the listener and sends GOAWAY at once; open RPCs keep running.
-    stopping = asyncio.ensure_future(started.server.stop(grace=timeout_s + _ABORT_FLUSH_S))
-    finished, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+    # Stopping closes the listeners and sends GOAWAY (closes idle HTTP connections) at once;
+    # open RPCs and HTTP requests keep running.
+    stopping = {asyncio.ensure_future(started.server.stop(grace=timeout_s + _ABORT_FLUSH_S))}
+    if started.http is not None:
+        stopping.add(asyncio.ensure_future(started.http.stop()))
+    _, unfinished = await asyncio.wait(stopping, timeout=timeout_s)
     engine_stopped = False
-    if not finished and state.engine is not None:
+    if unfinished and state.engine is not None:
         load = state.engine.get_load()
         logger.warning(
             "drain deadline: aborting %d running and %d waiting requests",
@@ -314,7 +336,7 @@ async def drain(
         # Shutting the engine down aborts every request it holds and delivers their final deltas.
         await asyncio.to_thread(state.engine.shutdown)
         engine_stopped = True
-    await stopping
+    await asyncio.gather(*stopping)
     if not loader.done():
         # Loading runs in a thread that cannot be interrupted; wait so the engine is shut down.
         await asyncio.shield(loader)
@@ -354,6 +376,16 @@ class BackgroundServer:
     def address(self) -> str:
         host = self._config.host if self._config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         return f"{host}:{self.port}"
+
+    @property
+    def http_port(self) -> int:
+        assert self._info is not None and self._info.http_port is not None, "no HTTP API"
+        return self._info.http_port
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the OpenAI-compatible API (``http://`` + this + ``/v1``)."""
+        return f"{self.address.rpartition(':')[0]}:{self.http_port}"
 
     @property
     def state(self) -> ServerState:

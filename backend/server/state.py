@@ -1,4 +1,5 @@
-"""What every gRPC service on the port shares: the engine (once loaded) and the serving phase.
+"""What every service shares (the gRPC ones and the HTTP API): the engine (once loaded) and the
+serving phase.
 
 One ``ServerState`` per server. The server creates it before the model loads, hands it to every
 service (``add_generation_service``, ``add_kserve_service``, ...) and flips it through its phases:

@@ -32,6 +32,7 @@ class FieldType(enum.Enum):
     BOOL = "a boolean (true/false)"
     STR_LIST = "a string or a list of strings"
     INT_LIST = "a list of integers"
+    TOKEN_BIAS = "an object of token ids to numbers"
 
 
 class Coercion(enum.Enum):
@@ -63,6 +64,7 @@ SAMPLING_FIELDS: Mapping[str, FieldType] = MappingProxyType(
         "logprobs": FieldType.INT,
         "skip_special_tokens": FieldType.BOOL,
         "detokenize": FieldType.BOOL,
+        "logit_bias": FieldType.TOKEN_BIAS,
     }
 )
 
@@ -149,6 +151,28 @@ def _text_int_list(value: object) -> list[int]:
     raise ValueError(value)
 
 
+def _token_id_key(key: object) -> int:
+    """A token id as a mapping key: JSON object keys are always text (``{"50256": -100}``)."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return _typed_int(key)
+
+
+def _typed_token_bias(value: object) -> dict[int, float]:
+    if isinstance(value, Mapping):
+        return {_token_id_key(k): _typed_float(v) for k, v in value.items()}
+    raise ValueError(value)
+
+
+def _text_token_bias(value: object) -> dict[int, float]:
+    """Also the object written as JSON text, as a request parameter carries it."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, Mapping):
+        return {_token_id_key(k): _text_float(v) for k, v in value.items()}
+    raise ValueError(value)
+
+
 _COERCIONS: Mapping[Coercion, Mapping[FieldType, Callable[[object], object]]] = {
     Coercion.TYPED: {
         FieldType.INT: _typed_int,
@@ -156,6 +180,7 @@ _COERCIONS: Mapping[Coercion, Mapping[FieldType, Callable[[object], object]]] = 
         FieldType.BOOL: _typed_bool,
         FieldType.STR_LIST: _str_list,
         FieldType.INT_LIST: _typed_int_list,
+        FieldType.TOKEN_BIAS: _typed_token_bias,
     },
     Coercion.TEXT: {
         FieldType.INT: _text_int,
@@ -163,6 +188,7 @@ _COERCIONS: Mapping[Coercion, Mapping[FieldType, Callable[[object], object]]] = 
         FieldType.BOOL: _text_bool,
         FieldType.STR_LIST: _str_list,
         FieldType.INT_LIST: _text_int_list,
+        FieldType.TOKEN_BIAS: _text_token_bias,
     },
 }
 

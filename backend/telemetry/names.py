@@ -1,4 +1,4 @@
-"""Span names and attribute keys: the OpenTelemetry GenAI and RPC conventions, then ours.
+"""Span names and attribute keys: the OpenTelemetry GenAI, RPC and HTTP conventions, then ours.
 
 Kept as plain strings rather than imported from opentelemetry-semantic-conventions, whose GenAI
 names live in an unstable (``_incubating``) module.
@@ -36,6 +36,14 @@ RPC_SERVICE = "rpc.service"
 RPC_METHOD = "rpc.method"
 RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
 ERROR_TYPE = "error.type"
+
+# -- HTTP conventions (the OpenAI-compatible API) -----------------------------------------------
+HTTP_REQUEST_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
+URL_SCHEME = "url.scheme"
+# error.type of an HTTP request whose client went away before its response was complete.
+ERROR_CLIENT_DISCONNECTED = "client_disconnected"
 
 # -- ours ---------------------------------------------------------------------------------------
 QUEUE_SPAN = "queue"

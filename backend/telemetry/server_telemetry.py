@@ -10,6 +10,7 @@ which exports every span still open.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from pagedserve.backend.telemetry.tracing import (
     NoTrace,
     RequestTracer,
     RpcTrace,
+    http_span,
     rpc_span,
 )
 
@@ -138,6 +140,16 @@ class ServerTelemetry:
         if self._tracer is None or self._observer is None:
             return nullcontext(NO_TRACE)
         return rpc_span(self._tracer, self._observer.post, service, method, context, request_id)
+
+    def http(
+        self, method: str, route: str, headers: Mapping[str, str], request_id: str, scheme: str
+    ) -> AbstractContextManager[RpcTrace | NoTrace]:
+        """An HTTP request's SERVER span, as ``rpc`` opens an RPC's."""
+        if self._tracer is None or self._observer is None:
+            return nullcontext(NO_TRACE)
+        return http_span(
+            self._tracer, self._observer.post, method, route, headers, request_id, scheme
+        )
 
     def flush(self, timeout_s: float) -> bool:
         """Handle everything posted so far and export the finished spans (tests, benchmarks)."""

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,9 @@ class RpcEnded:
 # How a trace hands its events to the telemetry thread (in order with the engine's).
 Post = Callable[[RpcBegun | RpcEnded], None]
 _NS = 1_000_000_000
+# HTTP statuses from here on are errors (4xx the client's, 5xx the server's).
+_HTTP_ERROR = 400
+_INTERNAL_ERROR = 500
 _CUT_SHORT = (FinishReason.ABORT, FinishReason.ERROR)
 
 
@@ -66,14 +69,15 @@ def _ns(t: float) -> int:
 
 
 class RpcTrace:
-    """The SERVER span of one RPC and what the telemetry thread needs to finish it."""
+    """The SERVER span of one RPC (or one HTTP request: ``http``) and what the telemetry thread
+    needs to finish it."""
 
     __slots__ = (
         "span", "context", "request_id", "_post", "begun", "admitted", "rpc_ended", "end_ns",
-        "end_time", "code", "details", "final", "deadline",
+        "end_time", "code", "details", "final", "deadline", "http", "http_status",
     )
 
-    def __init__(self, span: Span, request_id: str, post: Post) -> None:
+    def __init__(self, span: Span, request_id: str, post: Post, *, http: bool = False) -> None:
         self.span = span
         self.context = span.get_span_context()
         self.request_id = request_id
@@ -87,6 +91,9 @@ class RpcTrace:
         self.details: str | None = None
         self.final: RequestOutputDelta | None = None
         self.deadline = 0.0
+        self.http = http
+        # What the handler answered (``respond``); None at the end: the client went away.
+        self.http_status: int | None = 200
 
     def start_request(
         self, *, model: str, served_model: str, chat: bool, stream: bool, params: SamplingParams
@@ -118,12 +125,36 @@ class RpcTrace:
     def mark_admitted(self) -> None:
         self.admitted = True
 
+    def respond(self, status: int, details: str | None = None) -> None:
+        """An HTTP handler's answer: its status (on a stream, that of an error sent in-band)."""
+        self.http_status = status
+        self.details = details
+
     def end(self, code: grpc.StatusCode, details: str | None) -> None:
         self.end_ns = time.time_ns()
         self.end_time = self.end_ns / _NS
         self.code = code
         self.details = details
         self._post(RpcEnded(self))
+
+    def end_http(self, status: int | None, details: str | None) -> None:
+        self.http_status = status
+        self.end(grpc.StatusCode.OK, details)
+
+    def error_type(self) -> str | None:
+        """error.type as the RPC or HTTP conventions put it; None for a success."""
+        if not self.http:
+            return None if self.code == grpc.StatusCode.OK else self.code.name
+        if self.http_status is None:
+            return n.ERROR_CLIENT_DISCONNECTED
+        return str(self.http_status) if self.http_status >= _HTTP_ERROR else None
+
+    def status_attributes(self) -> dict[str, Any]:
+        if not self.http:
+            return {n.RPC_GRPC_STATUS_CODE: self.code.value[0]}
+        if self.http_status is None:
+            return {}
+        return {n.HTTP_RESPONSE_STATUS_CODE: self.http_status}
 
 
 class NoTrace:
@@ -135,6 +166,9 @@ class NoTrace:
         pass
 
     def mark_admitted(self) -> None:
+        pass
+
+    def respond(self, status: int, details: str | None = None) -> None:
         pass
 
 
@@ -194,6 +228,40 @@ def rpc_span(
         trace.end(*_outcome(error, context))
         raise
     trace.end(*_outcome(None, context))
+
+
+@contextmanager
+def http_span(
+    tracer: Tracer,
+    post: Post,
+    method: str,
+    route: str,
+    headers: Mapping[str, str],
+    request_id: str,
+    scheme: str,
+) -> Iterator[RpcTrace | NoTrace]:
+    """The SERVER span of one HTTP request, child of its ``traceparent`` header exactly as an
+    RPC's span is of its metadata; ended with the status the handler ``respond``ed, or as
+    client_disconnected when the handler was cancelled (the client went away)."""
+    span = tracer.start_span(
+        f"{method} {route}",
+        context=propagate.extract({k.lower(): v for k, v in headers.items()}),
+        kind=SpanKind.SERVER,
+        attributes={n.HTTP_REQUEST_METHOD: method, n.HTTP_ROUTE: route, n.URL_SCHEME: scheme},
+    )
+    if not span.is_recording():
+        yield NO_TRACE
+        return
+    trace = RpcTrace(span, request_id, post, http=True)
+    try:
+        yield trace
+    except (asyncio.CancelledError, ConnectionError):
+        trace.end_http(None, "the client disconnected")
+        raise
+    except BaseException as error:
+        trace.end_http(_INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+        raise
+    trace.end_http(trace.http_status, trace.details)
 
 
 class RequestTracer:
@@ -293,10 +361,10 @@ class RequestTracer:
     # -- span building ---------------------------------------------------------------------------
     def _finish(self, trace: RpcTrace) -> None:
         span = trace.span
-        error_type = None if trace.code == grpc.StatusCode.OK else trace.code.name
+        error_type = trace.error_type()
         if trace.final is not None:
             self._phases(trace, trace.final, error_type)
-        span.set_attribute(n.RPC_GRPC_STATUS_CODE, trace.code.value[0])
+        span.set_attributes(trace.status_attributes())
         if error_type is not None:
             span.set_attribute(n.ERROR_TYPE, error_type)
             span.set_status(Status(StatusCode.ERROR, trace.details))

@@ -57,7 +57,7 @@ def compare_tracing(
         servers = {
             traced: BackgroundServer(
                 ServerConfig(
-                    host="127.0.0.1", port=0,
+                    host="127.0.0.1", port=0, http_port=None,
                     telemetry=TelemetryConfig(
                         metrics_port=0, otlp_traces_endpoint=endpoint if traced else None
                     ),

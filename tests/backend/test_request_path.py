@@ -68,7 +68,8 @@ def path_files(model_dir: Path) -> list[str]:
     recorder = _Recorder()
     threading.setprofile(recorder)  # every thread the server starts from here on
     config = ServerConfig(
-        host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0), engine_process=False
+        host="127.0.0.1", port=0, http_port=None, telemetry=TelemetryConfig(metrics_port=0),
+        engine_process=False,
     )
     engine = EngineConfig.from_kwargs(model=str(model_dir), device="cpu", num_blocks=64)
     server = BackgroundServer(config, engine)

@@ -60,7 +60,7 @@ def server(model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[b
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--model", str(model_dir),
-             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *ENGINE_FLAGS],
+             "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", *ENGINE_FLAGS],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:

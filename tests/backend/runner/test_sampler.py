@@ -189,3 +189,36 @@ def test_logprobs_are_raw_log_softmax_with_top_n() -> None:
     top_vals, top_ids = ref[0].topk(3)
     assert [t for t, _ in lp.top] == top_ids.tolist()
     assert torch.allclose(torch.tensor([v for _, v in lp.top]), top_vals)
+
+
+def test_logit_bias_adds_to_its_rows_only() -> None:
+    logits = torch.randn(3, VOCAB)
+    top = logits.argmax(-1).tolist()
+    favoured = [(t + 1) % VOCAB for t in top]
+    requests = [
+        req("ban", temperature=0.0, logit_bias={top[0]: -100.0}),
+        req("plain", temperature=0.0),
+        req("force", temperature=0.0, logit_bias={favoured[2]: 100.0, top[2]: -1.0}),
+    ]
+    out = run(requests, logits)
+    second = logits[0].clone()
+    second[top[0]] = float("-inf")
+    assert out.token_ids == [int(second.argmax()), top[1], favoured[2]]
+
+
+def test_logit_bias_is_added_not_set() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 4] = 3.0
+    logits[0, 9] = 2.0
+    # +0.5 leaves 9 behind 4 (a bias that set the logit to 0.5 would too, but +1.5 must win).
+    assert run([req("a", temperature=0.0, logit_bias={9: 0.5})], logits).token_ids == [4]
+    assert run([req("b", temperature=0.0, logit_bias={9: 1.5})], logits).token_ids == [9]
+
+
+def test_logit_bias_leaves_the_reported_logprobs_the_models() -> None:
+    logits = torch.randn(1, VOCAB)
+    out = run([req("a", temperature=0.0, logprobs=1, logit_bias={5: 100.0})], logits)
+    assert out.token_ids == [5]
+    lp = out.logprobs[0]
+    assert lp is not None
+    assert abs(lp.logprob - float(torch.log_softmax(logits, -1)[0, 5])) < 1e-6

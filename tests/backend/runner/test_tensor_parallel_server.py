@@ -122,7 +122,7 @@ def _serve(
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--model", str(model_dir),
-             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--drain-timeout", "10",
+             "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--drain-timeout", "10",
              "--tensor-parallel-size", "2", engine_process_flag, *flags],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -46,7 +46,8 @@ def running_server(
     server_config = ServerConfig(
         host="127.0.0.1", port=0, drain_timeout_s=5.0, warmup=warmup,
         engine_process=engine_process,
-        # Metrics on a free port, not 8002.
+        # The HTTP API and metrics on free ports, not 8000 and 8002.
+        http_port=0,
         telemetry=TelemetryConfig(metrics_port=0, **(telemetry_options or {})),
         **(server_options or {}),
     )

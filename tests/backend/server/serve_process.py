@@ -124,7 +124,7 @@ def launch(
     command = [
         sys.executable, "-m", "tests.backend.server.paced_serve", str(step_delay_s),
         "serve", "--model", str(model_dir), "--device", "cpu",
-        "--host", "127.0.0.1", "--port", "0",
+        "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
         "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--drain-timeout", str(drain_timeout_s),
         *engine_flags, *extra_flags,

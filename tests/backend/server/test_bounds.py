@@ -32,7 +32,7 @@ STREAMS_PER_CONNECTION = 2
 def bounded(tiny_llama_dir: Path) -> Iterator[BackgroundServer]:
     server = BackgroundServer(
         ServerConfig(
-            host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=None),
+            host="127.0.0.1", port=0, http_port=None, telemetry=TelemetryConfig(metrics_port=None),
             max_message_bytes=MESSAGE_LIMIT, max_concurrent_streams=STREAMS_PER_CONNECTION,
         ),
         EngineConfig.from_kwargs(model=str(tiny_llama_dir), **TINY_ENGINE, **LIMITS),

@@ -563,7 +563,7 @@ def test_loading_model_is_not_ready_and_inference_unavailable(
 ) -> None:
     server = BackgroundServer(
         ServerConfig(
-            host="127.0.0.1", port=0, drain_timeout_s=5.0,
+            host="127.0.0.1", port=0, http_port=0, drain_timeout_s=5.0,
             telemetry=TelemetryConfig(metrics_port=0),
         ),
         EngineConfig.from_kwargs(model=str(tiny_llama_dir), **TINY_ENGINE),

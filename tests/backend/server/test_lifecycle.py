@@ -37,7 +37,7 @@ def _server(model: Path | str, **server_kwargs: Any) -> BackgroundServer:
     return BackgroundServer(
         ServerConfig(
             host="127.0.0.1", port=0, telemetry=TelemetryConfig(metrics_port=0),
-            **{"drain_timeout_s": 5.0, **server_kwargs},
+            **{"drain_timeout_s": 5.0, "http_port": 0, **server_kwargs},
         ),
         EngineConfig.from_kwargs(model=str(model), **TINY_ENGINE),
     )

@@ -165,7 +165,7 @@ def test_a_bad_start_fails_at_once_with_one_line(pki: Pki, tmp_path: Path, case:
     # A model that does not exist: were the check after loading, the error would be the model's.
     command = [
         sys.executable, "-m", "pagedserve.backend.cli", "serve", "--model", str(tmp_path / "none"),
-        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *case.flags(pki, tmp_path),
+        "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", *case.flags(pki, tmp_path),
     ]
     start = time.monotonic()
     result = subprocess.run(
@@ -185,7 +185,8 @@ def test_the_same_checks_guard_a_server_started_from_code(pki: Pki) -> None:
     from pagedserve.backend.server.server import BackgroundServer
 
     config = ServerConfig(
-        host="127.0.0.1", port=0, ssl_certfile=pki.server.cert, ssl_keyfile=pki.wrong_key,
+        host="127.0.0.1", port=0, http_port=None, ssl_certfile=pki.server.cert,
+        ssl_keyfile=pki.wrong_key,
         telemetry=TelemetryConfig(metrics_port=None),
     )
     server = BackgroundServer(config, EngineConfig.from_kwargs(model="/nonexistent"))

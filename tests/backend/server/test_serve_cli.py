@@ -38,7 +38,7 @@ def serve_process(
 ) -> Iterator[tuple[subprocess.Popen[str], str, bool]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--model", str(tiny_llama_dir),
-         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--drain-timeout", "10",
+         "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--drain-timeout", "10",
          request.param, *_engine_flags()],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,

@@ -28,8 +28,8 @@ def _serve(*flags: str) -> subprocess.CompletedProcess[str]:
     engine = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
     return subprocess.run(
         [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--host", "127.0.0.1",
-         "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--device", "cpu",
-         *engine, *flags],
+         "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--http-port", "0",
+         "--device", "cpu", *engine, *flags],
         capture_output=True, text=True, timeout=EXIT_WITHIN_S,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
@@ -99,6 +99,19 @@ def test_a_busy_metrics_port_exits_with_one_line(tiny_llama_dir: Path) -> None:
     _no_traceback(done)
 
 
+def test_a_busy_http_port_exits_with_one_line(tiny_llama_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _serve("--port", "0", "--http-port", str(port), "--model", str(tiny_llama_dir))
+    assert done.returncode == 1, done.stderr
+    last = _last_line(done)
+    assert last.startswith("pagedserve serve: cannot serve the HTTP API on"), last
+    assert str(port) in last, last
+    _no_traceback(done)
+
+
 def test_the_traceback_is_there_at_debug_level(tmp_path: Path) -> None:
     done = _serve("--port", "0", "--model", str(tmp_path / "nowhere"), "--log-level", "DEBUG")
     assert done.returncode == 1
@@ -110,7 +123,8 @@ def test_the_flag_keeps_a_failed_server_listening(tmp_path: Path, flag: str) -> 
     with pytest.raises(subprocess.TimeoutExpired):
         subprocess.run(
             [sys.executable, "-m", "pagedserve.backend.cli", "serve", "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", "--device", "cpu", "--model",
+             "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu",
+             "--model",
              str(tmp_path / "nowhere"), flag],
             capture_output=True, text=True, timeout=15,
         )

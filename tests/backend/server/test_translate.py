@@ -47,6 +47,9 @@ TYPED_VALUES: list[tuple[str, Any, Any]] = [
     ("stop", ("a",), ["a"]),
     ("stop_token_ids", [2, 3], [2, 3]),
     ("stop_token_ids", [], []),
+    # JSON object keys are text: token ids arrive as "5" (or as ints from Python callers).
+    ("logit_bias", {"5": -100, 7: 2.5}, {5: -100.0, 7: 2.5}),
+    ("logit_bias", {}, {}),
 ]
 
 # Text forms that only the text coercion parses.
@@ -67,6 +70,8 @@ TEXT_VALUES: list[tuple[str, Any, Any]] = [
     ("ignore_eos", 0, False),
     ("stop_token_ids", "[2, 3]", [2, 3]),
     ("stop_token_ids", ["2", 3.0], [2, 3]),
+    ("logit_bias", '{"5": 1}', {5: 1.0}),
+    ("logit_bias", {"5": "1.5"}, {5: 1.5}),
 ]
 
 # (field, value) that the text coercion refuses too: the typed coercion refuses these and
@@ -95,6 +100,11 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("stop_token_ids", "[" * 50_000 + "]" * 50_000),
     # An integer past float's range (float() raises OverflowError).
     ("temperature", 10**400),
+    ("logit_bias", [1]),
+    ("logit_bias", "nope"),
+    ("logit_bias", {"x": 1}),
+    ("logit_bias", {"5": True}),
+    ("logit_bias", {"5": "big"}),
 ]
 
 
@@ -118,6 +128,7 @@ _ANNOTATIONS: dict[FieldType, tuple[Any, ...]] = {
     FieldType.BOOL: (bool,),
     FieldType.STR_LIST: (list[str],),
     FieldType.INT_LIST: (list[int],),
+    FieldType.TOKEN_BIAS: (dict[int, float] | None,),
 }
 
 

@@ -72,7 +72,7 @@ def traced_server(
     telemetry = ServerTelemetry(config, provider)
     server = BackgroundServer(
         ServerConfig(
-            host="127.0.0.1", port=0, drain_timeout_s=5.0, telemetry=config,
+            host="127.0.0.1", port=0, http_port=0, drain_timeout_s=5.0, telemetry=config,
             engine_process=engine_process, **(server_options or {}),
         ),
         EngineConfig.from_kwargs(model=str(model_dir), **{**TINY_ENGINE, **engine_kwargs}),

@@ -172,7 +172,7 @@ def test_metrics_port_zero_picks_a_free_port_and_a_busy_port_fails_startup(
         port = busy.getsockname()[1]
         server = BackgroundServer(
             ServerConfig(
-                host="127.0.0.1", port=0,
+                host="127.0.0.1", port=0, http_port=0,
                 telemetry=TelemetryConfig(metrics_port=port, metrics_host="127.0.0.1"),
             ),
             EngineConfig.from_kwargs(model=str(tiny_llama_dir), **TINY_ENGINE),

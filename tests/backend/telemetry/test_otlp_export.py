@@ -74,7 +74,7 @@ def test_server_exports_the_client_rooted_trace_over_otlp_grpc(
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms; the default is 5 s
     engine_flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
     args = build_parser().parse_args([
-        "serve", "--model", str(tiny_llama_dir), "--host", "127.0.0.1", "--port", "0",
+        "serve", "--model", str(tiny_llama_dir), "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
         "--metrics-port", "0", "--otlp-traces-endpoint", f"http://127.0.0.1:{port}",
         *engine_flags,
     ])

@@ -1,0 +1,124 @@
+"""An API request's choices as engine requests, and their streams read as one.
+
+``submit_choices`` is the one place that knows how a request's ``n`` choices (times its
+prompts, for a batch of completions) reach the engine. Today each choice is an engine request
+of its own; choice ``i`` of a prompt is seeded ``seed + i`` when the request has a seed, so the
+choices differ under sampling and come back the same on a repeat. When the engine runs ``n``
+itself (the prompt prefilled once, its blocks shared), this function is what changes: the
+routes only see ``Choices``, a stream of (choice index, delta) that aborts every engine
+request it holds when closed early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from pagedserve.backend.engine.request import RequestOutputDelta
+from pagedserve.backend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.backend.engine.client import EngineClient
+
+DeltaStream = AsyncGenerator[RequestOutputDelta, None]
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    index: int
+    delta: RequestOutputDelta
+
+
+def choice_request_id(request_id: str, index: int) -> str:
+    """Choice 0 is the request's own id (its span follows that engine request)."""
+    return request_id if index == 0 else f"{request_id}-{index}"
+
+
+def submit_choices(
+    engine: EngineClient,
+    prompts: Sequence[list[int]],
+    params: SamplingParams,
+    n: int,
+    request_id: str,
+) -> Choices:
+    """Admit every choice now, or none: the first refusal (a full queue, a bad field) aborts
+    those already admitted and raises."""
+    streams: list[tuple[str, DeltaStream]] = []
+    try:
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                seeded = params
+                if n > 1 and params.seed is not None:
+                    seeded = replace(params, seed=params.seed + i)
+                engine_id = choice_request_id(request_id, p * n + i)
+                stream = engine.generate(
+                    prompt_token_ids=prompt, params=seeded, request_id=engine_id
+                )
+                streams.append((engine_id, stream))
+    except BaseException:
+        for engine_id, _ in streams:
+            engine.abort(engine_id)
+        raise
+    return Choices(engine, streams)
+
+
+class Choices:
+    """The engine requests of one API request's choices."""
+
+    def __init__(self, engine: EngineClient, streams: list[tuple[str, DeltaStream]]) -> None:
+        self._engine = engine
+        self._streams = streams
+        self._merged: AsyncGenerator[ChoiceDelta, None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
+        """Every choice's deltas as they come; each choice's last one has ``finished``."""
+        assert self._merged is None, "read once"
+        self._merged = self._merge()
+        return self._merged
+
+    async def _merge(self) -> AsyncGenerator[ChoiceDelta, None]:
+        if len(self._streams) == 1:
+            async for delta in self._streams[0][1]:
+                yield ChoiceDelta(0, delta)
+            return
+        # One pending read per choice (not a reader task pumping each one into a queue): a
+        # choice read slower than the engine steps keeps its deltas merged in its mailbox.
+        pending: dict[asyncio.Task[RequestOutputDelta], int] = {}
+
+        def read(index: int) -> None:
+            stream = self._streams[index][1]
+            pending[asyncio.ensure_future(anext(stream))] = index
+
+        for index in range(len(self._streams)):
+            read(index)
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=pending.__getitem__):
+                    index = pending.pop(task)
+                    delta = task.result()
+                    yield ChoiceDelta(index, delta)
+                    if not delta.finished:
+                        read(index)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            for task in pending:  # collected, so that none is reported as never retrieved
+                if not task.cancelled():
+                    task.exception()
+
+    async def aclose(self) -> None:
+        """Abort whatever has not finished (a disconnect, an error, a drain): every engine
+        request, read or not, frees its blocks within one engine step."""
+        if self._merged is not None:
+            await self._merged.aclose()
+        for engine_id, stream in self._streams:
+            await stream.aclose()
+            self._engine.abort(engine_id)
