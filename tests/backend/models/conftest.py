@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,74 @@ def tiny_mistral_dir(tiny_model_factory: Any, tiny_llama_settings: dict[str, Any
         "tie_word_embeddings": False,
     }
     return tiny_model_factory("tiny-mistral", settings)
+
+
+def randomize_norms(model_dir: Path, seed: int = 0) -> Path:
+    """Norm weights of 1 + N(0, 0.3) in place of transformers' ones, so a norm applied to the
+    wrong tensor, at the wrong point or not at all changes the logits."""
+    path = model_dir / "model.safetensors"
+    state = load_file(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    for name in sorted(state):
+        if name.endswith("norm.weight"):
+            shape = state[name].shape
+            state[name] = 1 + 0.3 * torch.randn(shape, generator=generator)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return model_dir
+
+
+def longrope_factors(n: int, top: float) -> list[float]:
+    """``n`` rescale factors rising from 1 to ``top``, like a checkpoint's."""
+    return [1.0 + (top - 1.0) * i / max(1, n - 1) for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_model_factory: Any, tiny_llama_settings: dict[str, Any]) -> Path:
+    """Qwen3: q/k RMSNorm per head (random weights), a head_dim (32) that is not hidden_size /
+    heads (16), GQA 4 over 2, tied embeddings, no q/k/v bias."""
+    settings = {
+        **tiny_llama_settings,
+        "model_type": "qwen3",
+        "head_dim": 32,
+        "rope_theta": 1000000.0,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "tie_word_embeddings": True,
+    }
+    return randomize_norms(tiny_model_factory("tiny-qwen3", settings))
+
+
+def _phi3_settings(base: dict[str, Any], original: int, partial: float) -> dict[str, Any]:
+    rotary_half = int(16 * partial) // 2  # head_dim 16
+    return {
+        **base,
+        "model_type": "phi3",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 1024,
+        "original_max_position_embeddings": original,
+        "partial_rotary_factor": partial,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": longrope_factors(rotary_half, 1.8),
+            "long_factor": longrope_factors(rotary_half, 24.0),
+        },
+        "sliding_window": None,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tiny_model_factory: Any, tiny_llama_settings: dict[str, Any]) -> Path:
+    """Phi-4-mini-shaped Phi-3: fused qkv and gate/up tensors, LongRoPE with a pretraining
+    length (512) beyond every test sequence, so a max_model_len within it keeps the short
+    factors; 3/4 of each head rotates; untied head."""
+    settings = _phi3_settings(tiny_llama_settings, original=512, partial=0.75)
+    return randomize_norms(tiny_model_factory("tiny-phi3", settings))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_long_dir(tiny_model_factory: Any, tiny_llama_settings: dict[str, Any]) -> Path:
+    """Phi-3.5-mini-shaped Phi-3: LongRoPE with a 32-token pretraining length, so sequences
+    longer than that run on the long factors (and a stretch factor of 32), whole heads rotate."""
+    settings = _phi3_settings(tiny_llama_settings, original=32, partial=1.0)
+    return randomize_norms(tiny_model_factory("tiny-phi3-long", settings))
