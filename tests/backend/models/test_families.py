@@ -32,13 +32,13 @@ from pagedserve.backend.models.phi3 import Phi3ForCausalLM, Phi3Model
 from pagedserve.backend.models.qwen3 import Qwen3ForCausalLM
 from pagedserve.backend.runner.attention import TorchAttentionBackend
 from tests.backend.engine.test_engine_vs_transformers import run_and_compare
-from tests.backend.models.conftest import longrope_factors
+from tests.backend.models.conftest import TINY_PHI3_MAX_MODEL_LEN, longrope_factors
 from tests.backend.models.paged_schedule import random_prompts, run_schedule
 from tests.backend.models.test_llama_model import check_against_transformers
 
 CPU = torch.device("cpu")
-# Phi-3 at max_model_len 512 keeps the short factors, its pretraining length.
-SHORT_ROPE_MAX_LEN = 512
+# Phi-3 at max_model_len 512, its pretraining length, keeps the short factors.
+SHORT_ROPE_MAX_LEN = TINY_PHI3_MAX_MODEL_LEN
 # (fixture, max_model_len, prompt lengths): the long-factor model sees only sequences longer
 # than its 32-token pretraining length, where transformers runs the long factors too.
 FAMILIES = {
