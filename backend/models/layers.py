@@ -272,7 +272,9 @@ class RotaryEmbedding(nn.Module):
                 )
             rotary_dim = head_dim
         if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
-            raise ValueError(f"rotary_dim {rotary_dim} must be even and within head_dim {head_dim}")
+            raise NotImplementedError(
+                f"a rotary dim of {rotary_dim} is not supported (even, at most head_dim {head_dim})"
+            )
         self.rotary_dim = rotary_dim
         self.head_dim = head_dim
         inv_freq, scale = _rope_frequencies(rotary_dim, params, ctx.max_model_len or max_position)

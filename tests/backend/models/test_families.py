@@ -186,26 +186,28 @@ def test_phi3_fused_tensors_are_checked(tiny_phi3_dir: Path, tmp_path: Path) -> 
         _load(bad)
 
 
-def test_wrong_longrope_factor_count_is_refused(tiny_phi3_dir: Path) -> None:
+def _dummy_phi3(model_dir: Path, rope: dict[str, object]) -> LoadedModel:
+    config = ModelConfig(
+        model=str(model_dir),
+        load_format="dummy",
+        max_model_len=SHORT_ROPE_MAX_LEN,
+        hf_overrides={"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, **rope}},
+    )
+    return load_model(config, CPU, torch.float32, TorchAttentionBackend())
+
+
+def test_bad_longrope_settings_are_refused(tiny_phi3_dir: Path) -> None:
+    three = [1.0, 1.0, 1.0]
     with pytest.raises(ModelLoadError, match="LongRoPE short_factor has 3 entries"):
-        load_model(
-            ModelConfig(
-                model=str(tiny_phi3_dir),
-                load_format="dummy",
-                max_model_len=SHORT_ROPE_MAX_LEN,
-                hf_overrides={
-                    "rope_parameters": {
-                        "rope_type": "longrope",
-                        "rope_theta": 1e4,
-                        "partial_rotary_factor": 0.75,
-                        "short_factor": [1.0, 1.0, 1.0],
-                        "long_factor": [1.0, 1.0, 1.0],
-                    }
-                },
-            ),
-            CPU,
-            torch.float32,
-            TorchAttentionBackend(),
+        _dummy_phi3(
+            tiny_phi3_dir,
+            {"partial_rotary_factor": 0.75, "short_factor": three, "long_factor": three},
+        )
+    # 0.7 of a 16-dim head: 11 dims, which the rotate-half layout cannot pair.
+    with pytest.raises(ModelLoadError, match="rotary dim of 11 is not supported"):
+        _dummy_phi3(
+            tiny_phi3_dir,
+            {"partial_rotary_factor": 0.7, "short_factor": three, "long_factor": three},
         )
 
 
