@@ -1,4 +1,4 @@
-"""Rotary position embedding (rotate-half layout), with Llama-3 frequency scaling."""
+"""Rotary position embedding (rotate-half layout), with Llama-3 and LongRoPE frequency scaling."""
 
 from __future__ import annotations
 
@@ -35,6 +35,24 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | Non
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def longrope_inv_freq(rotary_dim: int, base: float, factors: list[float]) -> torch.Tensor:
+    """LongRoPE (Phi-3) inverse frequencies [rotary_dim // 2] in fp32: each default frequency
+    divided by its own rescale factor, in transformers' order of ops (so the fp32 table matches
+    its table bit for bit)."""
+    if len(factors) != rotary_dim // 2:
+        raise ValueError(f"LongRoPE needs {rotary_dim // 2} rescale factors, got {len(factors)}")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
+
+
+def longrope_attention_factor(factor: float, original_max_position: int) -> float:
+    """The factor LongRoPE scales cos and sin by when the context was stretched ``factor``
+    times beyond the pretraining length: sqrt(1 + ln(factor) / ln(original))."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_position))
 
 
 def cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:

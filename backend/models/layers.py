@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.quantization.unquantized import forget_packed, linear
 from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
@@ -179,7 +180,9 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The model's RoPE settings as one dict with ``rope_theta`` and ``rope_type``.
 
     transformers 5 keeps them in ``config.rope_parameters``; older releases in
-    ``config.rope_theta`` plus an optional ``config.rope_scaling``.
+    ``config.rope_theta`` plus an optional ``config.rope_scaling`` (and Phi-3's
+    ``partial_rotary_factor`` beside them). LongRoPE, first named ``su``, gets its pretraining
+    length and stretch ``factor`` filled in the way transformers fills them.
     """
     params = getattr(hf_config, "rope_parameters", None)
     if params:
@@ -187,25 +190,97 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     else:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", _DEFAULT_ROPE_THETA))
+    partial = getattr(hf_config, "partial_rotary_factor", None)
+    if partial is not None:
+        params.setdefault("partial_rotary_factor", partial)
     params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] == "su":
+        params["rope_type"] = "longrope"
     if params["rope_type"] == "llama3":
         params.setdefault("original_max_position_embeddings", hf_config.max_position_embeddings)
+    if params["rope_type"] == "longrope":
+        # Phi-3 keeps the pretraining length beside max_position_embeddings, and transformers
+        # prefers it there to any copy inside the RoPE settings.
+        original = getattr(hf_config, "original_max_position_embeddings", None)
+        if original:
+            params["original_max_position_embeddings"] = original
+        params.setdefault("original_max_position_embeddings", hf_config.max_position_embeddings)
+        if params.get("factor") is None:
+            params["factor"] = (
+                hf_config.max_position_embeddings / params["original_max_position_embeddings"]
+            )
     return params
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary embedding with a precomputed fp32 cos/sin table for every position."""
+def _rope_frequencies(
+    rotary_dim: int, params: dict[str, Any], max_model_len: int
+) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, the factor cos and sin are scaled by) for ``params``.
 
-    cos_sin_cache: torch.Tensor  # a buffer: [max_position, head_dim] (cos | sin halves)
+    LongRoPE has two sets of rescale factors, short and long. transformers picks one per
+    forward, by the longest position in it: the long set once a sequence outgrows the
+    pretraining length. A paged engine rotates every key once, when it is cached, and shares
+    cached keys between requests, so here the set is chosen once for the model, by the longest
+    sequence the engine will run: long factors when ``max_model_len`` exceeds the pretraining
+    length, short ones otherwise. transformers' generate computes the same numbers for every
+    sequence when ``max_model_len`` is within the pretraining length, and otherwise for every
+    sequence whose prompt alone is longer than it. Where they differ (a longer
+    ``max_model_len``, and a prompt within the pretraining length) transformers' own keys mix
+    the two sets, by the forward that happened to compute each token.
+    """
+    theta = float(params["rope_theta"])
+    if params["rope_type"] != "longrope":
+        return rotary_ops.rope_inv_freq(rotary_dim, theta, params), 1.0
+    original = int(params["original_max_position_embeddings"])
+    which = "long_factor" if max_model_len > original else "short_factor"
+    factors = params[which]
+    if len(factors) != rotary_dim // 2:
+        raise ModelLoadError(
+            f"LongRoPE {which} has {len(factors)} entries; a rotary dim of {rotary_dim} "
+            f"needs {rotary_dim // 2}"
+        )
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = rotary_ops.longrope_attention_factor(float(params["factor"]), original)
+    inv_freq = rotary_ops.longrope_inv_freq(rotary_dim, theta, [float(f) for f in factors])
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding with a precomputed fp32 cos/sin table for every position.
+
+    ``rotary_dim`` rotates only the first dims of each head and passes the rest through, for
+    the families whose transformers code honours ``partial_rotary_factor`` (Phi-3); left out,
+    whole heads rotate and a partial factor in ``params`` is refused rather than ignored.
+    """
+
+    cos_sin_cache: torch.Tensor  # a buffer: [max_position, rotary_dim] (cos | sin halves)
 
     def __init__(
-        self, head_dim: int, max_position: int, params: dict[str, Any], ctx: LayerContext
+        self,
+        head_dim: int,
+        max_position: int,
+        params: dict[str, Any],
+        ctx: LayerContext,
+        rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise NotImplementedError("partial rotary embeddings are not supported")
-        inv_freq = rotary_ops.rope_inv_freq(head_dim, float(params["rope_theta"]), params)
+        if rotary_dim is None:
+            if params.get("partial_rotary_factor", 1.0) != 1.0:
+                raise NotImplementedError(
+                    "partial rotary embeddings are not supported for this model family"
+                )
+            rotary_dim = head_dim
+        if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+            raise NotImplementedError(
+                f"a rotary dim of {rotary_dim} is not supported (even, at most head_dim {head_dim})"
+            )
+        self.rotary_dim = rotary_dim
+        self.head_dim = head_dim
+        inv_freq, scale = _rope_frequencies(rotary_dim, params, ctx.max_model_len or max_position)
         cache = rotary_ops.cos_sin_cache(inv_freq, max_position)
+        if scale != 1.0:
+            cache = cache * scale  # in fp32, where transformers scales its cos and sin
         self.register_buffer("cos_sin_cache", cache.to(ctx.device), persistent=False)
         # The reference path's per-token cos/sin for the positions of the forward in progress:
         # every layer rotates at the same positions, so they are gathered once, not per layer.
@@ -215,6 +290,15 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, head_dim], k [T, kv_heads, head_dim] -> rotated (q, k)."""
+        if self.rotary_dim == self.head_dim:
+            return self._rotate(positions, q, k)
+        d = self.rotary_dim
+        q_rot, k_rot = self._rotate(positions, q[..., :d], k[..., :d])
+        return torch.cat([q_rot, q[..., d:]], dim=-1), torch.cat([k_rot, k[..., d:]], dim=-1)
+
+    def _rotate(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if use_triton(q):
             return rotary_ops.apply_rotary(q, k, positions, self.cos_sin_cache)
         memo = self._memo

@@ -110,6 +110,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    # A family whose layers differ from Llama's in attention alone (Qwen3) overrides this.
+    attention_class: type[LlamaAttention] = LlamaAttention
+
     def __init__(
         self,
         hf_config: Any,
@@ -120,7 +123,9 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         eps = hf_config.rms_norm_eps
-        self.self_attn = LlamaAttention(hf_config, layer_index, rotary_emb, attn_backend, ctx)
+        self.self_attn = self.attention_class(
+            hf_config, layer_index, rotary_emb, attn_backend, ctx
+        )
         self.mlp = LlamaMLP(hf_config, ctx)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
@@ -137,20 +142,27 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx)
-        rotary_emb = RotaryEmbedding(
+        rotary_emb = self.rotary_embedding(hf_config, ctx)
+        self.layers = nn.ModuleList(
+            self.layer_class(hf_config, i, rotary_emb, attn_backend, ctx)
+            for i in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx)
+
+    @staticmethod
+    def rotary_embedding(hf_config: Any, ctx: LayerContext) -> RotaryEmbedding:
+        """The one rotary embedding all layers share; whole heads rotate in this family."""
+        return RotaryEmbedding(
             head_dim_of(hf_config),
             hf_config.max_position_embeddings,
             rope_parameters(hf_config),
             ctx,
         )
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, rotary_emb, attn_backend, ctx)
-            for i in range(hf_config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         num_caches = len(get_forward_context().kv_caches)
@@ -169,13 +181,16 @@ class LlamaForCausalLM(CausalLM):
     logits for the rows the sampler needs (so the vocab projection skips prompt tokens).
 
     One class serves every registered Llama-shaped architecture (Llama, Mistral, Qwen2); the
-    few differences (Qwen2's biases) are read from the config's ``model_type``.
+    few differences (Qwen2's biases) are read from the config's ``model_type``. Families built
+    from the same parts (Qwen3, Phi-3) subclass it and swap ``model_class``.
     """
+
+    model_class: type[LlamaModel] = LlamaModel
 
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, attn_backend, ctx)
+        self.model = self.model_class(hf_config, attn_backend, ctx)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = LMHead(
             hf_config.vocab_size,

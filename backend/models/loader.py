@@ -93,7 +93,7 @@ def load_model(
 
     model_class = resolve_model_class(hf_config)
     try:
-        ctx = LayerContext(dtype, device, tp_rank, tp_size)
+        ctx = LayerContext(dtype, device, tp_rank, tp_size, max_model_len=max_model_len)
         model = model_class(hf_config, attn_backend, ctx)
     except NotImplementedError as exc:  # e.g. a RoPE scaling type we do not implement
         raise ModelLoadError(f"unsupported model configuration: {exc}") from exc

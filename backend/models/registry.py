@@ -5,7 +5,8 @@ class; one family's file may serve several architectures. Configs that name none
 model described by ``hf_overrides`` alone, a hand-written config.json) fall back to the
 architecture transformers gives their ``model_type``. The ``model_type`` is checked either way:
 the families read it for their differences (Qwen2's biases), so an architecture name alone
-must not admit a config of another type.
+must not admit a config of another type, nor a config of one family build another family's
+class (Llama, Mistral and Qwen2 share one class, so their names may stand in for each other).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.phi3 import Phi3ForCausalLM
+from pagedserve.backend.models.qwen3 import Qwen3ForCausalLM
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ _ENTRIES = (
     _Entry("LlamaForCausalLM", "llama", LlamaForCausalLM),
     _Entry("MistralForCausalLM", "mistral", LlamaForCausalLM),
     _Entry("Qwen2ForCausalLM", "qwen2", LlamaForCausalLM),
+    _Entry("Qwen3ForCausalLM", "qwen3", Qwen3ForCausalLM),
+    _Entry("Phi3ForCausalLM", "phi3", Phi3ForCausalLM),
 )
 _BY_ARCHITECTURE = {entry.architecture: entry for entry in _ENTRIES}
 _BY_MODEL_TYPE = {entry.model_type: entry for entry in _ENTRIES}
@@ -45,12 +50,19 @@ def resolve_model_class(hf_config: Any) -> type[CausalLM]:
             f"model type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    expected = _BY_MODEL_TYPE[model_type].model_class
     names = list(getattr(hf_config, "architectures", None) or [])
     if not names:
-        return _BY_MODEL_TYPE[model_type].model_class
+        return expected
     for name in names:
         if name in _BY_ARCHITECTURE:
-            return _BY_ARCHITECTURE[name].model_class
+            model_class = _BY_ARCHITECTURE[name].model_class
+            if model_class is not expected:
+                raise ModelLoadError(
+                    f"architecture {name!r} does not fit model type {model_type!r} "
+                    f"(that type is {_BY_MODEL_TYPE[model_type].architecture})"
+                )
+            return model_class
     raise ModelLoadError(
         f"architecture {', '.join(map(repr, names))} is not supported "
         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"

@@ -18,7 +18,7 @@ from tests.backend.engine.reference import compare_greedy, hf_greedy
 PROMPT_LENGTHS = [1, 2, 3, 5, 8, 13, 17, 31, 47, 64, 90, 128, 160, 200, 250, 300]
 
 
-def mixed_prompts(tokenizer, seed: int = 0) -> list[list[int]]:
+def mixed_prompts(tokenizer, seed: int = 0, lengths: list[int] = PROMPT_LENGTHS) -> list[list[int]]:
     """Real text for the model to continue, cut to each length (random ids pad short texts)."""
     rng = random.Random(seed)
     text = (
@@ -28,18 +28,21 @@ def mixed_prompts(tokenizer, seed: int = 0) -> list[list[int]]:
     ) * 12
     base = tokenizer.encode(text, add_special_tokens=False)
     prompts = []
-    for n in PROMPT_LENGTHS:
+    for n in lengths:
         start = rng.randrange(0, len(base) - n)
         prompts.append(base[start : start + n])
     return prompts
 
 
-def run_and_compare(model_dir, max_new_tokens: int, num_blocks: int, budget: int) -> None:
+def run_and_compare(
+    model_dir, max_new_tokens: int, num_blocks: int, budget: int,
+    prompt_lengths: list[int] = PROMPT_LENGTHS, **engine_kwargs,
+) -> None:
     llm = LLM(
         str(model_dir), dtype="float32", device="cpu", block_size=16, num_blocks=num_blocks,
-        max_num_batched_tokens=budget, max_num_seqs=16,
+        max_num_batched_tokens=budget, max_num_seqs=16, **engine_kwargs,
     )
-    prompts = mixed_prompts(llm.tokenizer)
+    prompts = mixed_prompts(llm.tokenizer, lengths=prompt_lengths)
     outs = llm.generate(
         prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     )

@@ -6,6 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import TINY_LLAMA
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +47,82 @@ def tiny_mistral_dir(tiny_model_factory: Any, tiny_llama_settings: dict[str, Any
         "tie_word_embeddings": False,
     }
     return tiny_model_factory("tiny-mistral", settings)
+
+
+def randomize_norms(model_dir: Path, seed: int = 0) -> Path:
+    """Norm weights of 1 + N(0, 0.3) in place of transformers' ones, so a norm applied to the
+    wrong tensor, at the wrong point or not at all changes the logits."""
+    path = model_dir / "model.safetensors"
+    state = load_file(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    for name in sorted(state):
+        if name.endswith("norm.weight"):
+            shape = state[name].shape
+            state[name] = 1 + 0.3 * torch.randn(shape, generator=generator)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return model_dir
+
+
+def longrope_factors(n: int, top: float) -> list[float]:
+    """``n`` rescale factors rising from 1 to ``top``, like a checkpoint's."""
+    return [1.0 + (top - 1.0) * i / max(1, n - 1) for i in range(n)]
+
+
+# Qwen3: q/k RMSNorm per head, a head_dim (32) that is not hidden_size / heads (16), GQA 4 over
+# 2, tied embeddings, no q/k/v bias.
+TINY_QWEN3: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "qwen3",
+    "head_dim": 32,
+    "rope_theta": 1000000.0,
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "tie_word_embeddings": True,
+}
+
+
+def _phi3_settings(original: int, partial: float) -> dict[str, Any]:
+    rotary_half = int(16 * partial) // 2  # head_dim 16
+    return {
+        **TINY_LLAMA,
+        "model_type": "phi3",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 1024,
+        "original_max_position_embeddings": original,
+        "partial_rotary_factor": partial,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": longrope_factors(rotary_half, 1.8),
+            "long_factor": longrope_factors(rotary_half, 24.0),
+        },
+        "sliding_window": None,
+    }
+
+
+# Phi-4-mini-shaped: fused qkv and gate/up tensors, LongRoPE with a pretraining length (512)
+# beyond every test sequence, so a max_model_len within it keeps the short factors (run it at
+# TINY_PHI3_MAX_MODEL_LEN); 3/4 of each head rotates; untied head.
+TINY_PHI3 = _phi3_settings(original=512, partial=0.75)
+TINY_PHI3_MAX_MODEL_LEN = 512
+# Phi-3.5-mini-shaped: LongRoPE with a 32-token pretraining length, so at its default
+# max_model_len (1024) it runs the long factors and a stretch factor of 32; whole heads rotate.
+TINY_PHI3_LONG = _phi3_settings(original=32, partial=1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_model_factory: Any) -> Path:
+    """TINY_QWEN3 with random norm weights."""
+    return randomize_norms(tiny_model_factory("tiny-qwen3", TINY_QWEN3))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tiny_model_factory: Any) -> Path:
+    """TINY_PHI3 (short LongRoPE factors at max_model_len 512) with random norm weights."""
+    return randomize_norms(tiny_model_factory("tiny-phi3", TINY_PHI3))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_long_dir(tiny_model_factory: Any) -> Path:
+    """TINY_PHI3_LONG (long LongRoPE factors) with random norm weights."""
+    return randomize_norms(tiny_model_factory("tiny-phi3-long", TINY_PHI3_LONG))

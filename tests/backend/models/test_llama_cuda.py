@@ -1,4 +1,4 @@
-"""The model on CUDA, where the Triton kernels replace the torch references, against
+"""The models on CUDA, where the Triton kernels replace the torch references, against
 transformers. Skipped without a CUDA device.
 
 The tiny models are built here without a tokenizer, so these tests need neither the default
@@ -14,9 +14,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.layer_context import LayerContext
-from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import get_attention_backend
+from tests.backend.models.conftest import (
+    TINY_PHI3,
+    TINY_PHI3_MAX_MODEL_LEN,
+    TINY_QWEN3,
+    randomize_norms,
+)
 from tests.backend.models.paged_schedule import (
     build_schedule,
     hf_logits,
@@ -31,7 +38,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-MODELS = {"llama": TINY_LLAMA, "qwen2": TINY_QWEN2}
+MODELS = {"llama": TINY_LLAMA, "qwen2": TINY_QWEN2, "qwen3": TINY_QWEN3, "phi3": TINY_PHI3}
+# Phi-3 runs its short LongRoPE factors, as transformers does on these short sequences.
+MAX_MODEL_LEN = {"phi3": TINY_PHI3_MAX_MODEL_LEN}
+# Norm weights other than ones where the family has norms the Llama family lacks.
+RANDOM_NORMS = ("qwen3", "phi3")
 # fp32 everywhere; the Triton attention kernels and cuBLAS reduce in their own orders.
 # Measured on an H100: worst row ~3e-6 of max |logit|. In bf16 our error against fp32 was
 # slightly below transformers' own bf16 error (mean 1.6e-2 vs 1.8e-2), argmax agreement ~0.95.
@@ -41,12 +52,16 @@ FP32_REL_TOL = 1e-4
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cuda-models")
-    return {name: save_tiny_model(root / name, s, None) for name, s in MODELS.items()}
+    dirs = {name: save_tiny_model(root / name, s, None) for name, s in MODELS.items()}
+    for name in RANDOM_NORMS:
+        randomize_norms(dirs[name])
+    return dirs
 
 
-def _model(model_dir: Path, dtype: torch.dtype) -> LlamaForCausalLM:
+def _model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    model = LlamaForCausalLM(config, get_attention_backend(CUDA), LayerContext(dtype, CUDA))
+    ctx = LayerContext(dtype, CUDA, max_model_len=MAX_MODEL_LEN.get(model_dir.name))
+    model = resolve_model_class(config)(config, get_attention_backend(CUDA), ctx)
     weights: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         weights.update(load_file(str(path)))

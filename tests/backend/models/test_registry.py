@@ -11,28 +11,32 @@ from transformers import AutoConfig
 
 from pagedserve.backend.config import ModelConfig
 from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.models.loader import load_model
+from pagedserve.backend.models.phi3 import Phi3ForCausalLM
+from pagedserve.backend.models.qwen3 import Qwen3ForCausalLM
 from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import TorchAttentionBackend
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
+ARCHITECTURES: dict[str, tuple[str, type[CausalLM]]] = {
+    "LlamaForCausalLM": ("llama", LlamaForCausalLM),
+    "MistralForCausalLM": ("mistral", LlamaForCausalLM),
+    "Qwen2ForCausalLM": ("qwen2", LlamaForCausalLM),
+    "Qwen3ForCausalLM": ("qwen3", Qwen3ForCausalLM),
+    "Phi3ForCausalLM": ("phi3", Phi3ForCausalLM),
 }
 
 
-@pytest.mark.parametrize(("architecture", "model_type"), ARCHITECTURES.items())
-def test_each_architecture_resolves_with_or_without_its_name(
-    architecture: str, model_type: str
-) -> None:
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_architecture_resolves_with_or_without_its_name(architecture: str) -> None:
+    model_type, model_class = ARCHITECTURES[architecture]
     named = AutoConfig.for_model(model_type, architectures=[architecture])
-    assert resolve_model_class(named) is LlamaForCausalLM
+    assert resolve_model_class(named) is model_class
     # Configs built from hf_overrides name no architecture: the model type stands in for it.
     unnamed = AutoConfig.for_model(model_type)
     assert not unnamed.architectures
-    assert resolve_model_class(unnamed) is LlamaForCausalLM
+    assert resolve_model_class(unnamed) is model_class
 
 
 def test_the_first_registered_architecture_of_several_wins() -> None:
@@ -45,15 +49,30 @@ def test_unknown_architectures_and_model_types_are_refused() -> None:
     with pytest.raises(
         ModelLoadError,
         match=r"architecture 'LlamaForSequenceClassification' is not supported "
-        r"\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM\)",
+        r"\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+        r"Qwen3ForCausalLM, Phi3ForCausalLM\)",
     ):
         resolve_model_class(head)
     # A registered architecture name does not admit a config of another type.
     gpt2 = AutoConfig.for_model("gpt2", architectures=["LlamaForCausalLM"])
     with pytest.raises(
-        ModelLoadError, match=r"'gpt2' is not supported \(supported: llama, mistral, qwen2\)"
+        ModelLoadError,
+        match=r"'gpt2' is not supported \(supported: llama, mistral, qwen2, qwen3, phi3\)",
     ):
         resolve_model_class(gpt2)
+
+
+def test_an_architecture_of_another_family_is_refused() -> None:
+    """Llama, Mistral and Qwen2 share one class, so their names may stand in for each other;
+    a name whose class differs from the model type's would build the wrong layers."""
+    cross = AutoConfig.for_model("mistral", architectures=["LlamaForCausalLM"])
+    assert resolve_model_class(cross) is LlamaForCausalLM
+    for model_type, architecture in [("llama", "Qwen3ForCausalLM"), ("qwen3", "Phi3ForCausalLM")]:
+        config = AutoConfig.for_model(model_type, architectures=[architecture])
+        with pytest.raises(
+            ModelLoadError, match=f"architecture '{architecture}' does not fit model type"
+        ):
+            resolve_model_class(config)
 
 
 def test_loader_builds_through_the_registry(tiny_llama_dir: Path) -> None:

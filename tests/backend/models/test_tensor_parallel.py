@@ -1,19 +1,21 @@
-"""Two CPU processes (gloo) run the tiny Llama split over tensor-parallel ranks; their logits
+"""Two CPU processes (gloo) run a tiny model split over tensor-parallel ranks; their logits
 must equal the unsplit model's. This exercises the sharding weight loaders, the per-rank head
-counts and the row-parallel all-reduce together."""
+counts and the row-parallel all-reduce together, for Llama, Qwen3 (per-head norms on every
+rank) and Phi-3 (fused checkpoint tensors cut per rank)."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from pagedserve.backend.models.layer_context import LayerContext
-from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import (
     AttentionMetadata,
     TorchAttentionBackend,
@@ -30,7 +32,7 @@ def _logits(model_dir: Path, tp_rank: int, tp_size: int) -> torch.Tensor:
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     ctx = LayerContext(torch.float32, CPU, tp_rank=tp_rank, tp_size=tp_size)
-    model = LlamaForCausalLM(config, TorchAttentionBackend(), ctx)
+    model = resolve_model_class(config)(config, TorchAttentionBackend(), ctx)
     model.load_weights(load_file(str(model_dir / "model.safetensors")).items())
     n = len(PROMPT)
     caches = [
@@ -59,9 +61,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_tensor_parallel_matches_single_rank(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    mp.spawn(_rank_main, args=(_free_port(), tiny_llama_dir, tmp_path), nprocs=TP_SIZE, join=True)
-    expected = _logits(tiny_llama_dir, 0, 1)
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen3_dir", "tiny_phi3_dir"])
+def test_two_rank_tensor_parallel_matches_single_rank(
+    fixture: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    model_dir = request.getfixturevalue(fixture)
+    mp.spawn(_rank_main, args=(_free_port(), model_dir, tmp_path), nprocs=TP_SIZE, join=True)
+    expected = _logits(model_dir, 0, 1)
     for rank in range(TP_SIZE):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         # Split GEMMs sum in a different order; fp32 keeps that far below 1e-4 relative.
