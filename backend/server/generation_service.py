@@ -197,11 +197,7 @@ class GenerationServicer:
     # -- helpers -------------------------------------------------------------------------------
 
     def _serving_engine(self) -> EngineClient:
-        reason = self._state.unavailable_reason()
-        if reason is not None:
-            raise UnavailableError(reason)
-        assert self._state.engine is not None
-        return self._state.engine
+        return self._state.serving_engine()
 
     def _loaded_engine(self) -> EngineClient:
         """For read-only RPCs, which keep answering while the server drains."""

@@ -163,11 +163,7 @@ class KServeServicer:
             raise UnknownModelError(name, version)
 
     def _serving_engine(self) -> EngineClient:
-        reason = self._state.unavailable_reason()
-        if reason is not None:
-            raise UnavailableError(reason)
-        assert self._state.engine is not None
-        return self._state.engine
+        return self._state.serving_engine()
 
     def _loaded_engine(self) -> EngineClient:
         """For read-only methods, which keep answering while the server drains."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from grpc_health.v1 import health_pb2
 
 from pagedserve.backend.server.health import HealthServicer
+from pagedserve.backend.server.status import UnavailableError
 from pagedserve.backend.telemetry.server_telemetry import ServerTelemetry
 
 if TYPE_CHECKING:
@@ -58,6 +59,14 @@ class ServerState:
     @property
     def serving(self) -> bool:
         return self.unavailable_reason() is None
+
+    def serving_engine(self) -> EngineClient:
+        """The engine, for a new RPC; UnavailableError naming why when one cannot be served."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise UnavailableError(reason)
+        assert self.engine is not None
+        return self.engine
 
     def unavailable_reason(self) -> str | None:
         """Why a new RPC cannot be served now, or None when it can."""

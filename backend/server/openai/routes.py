@@ -38,7 +38,7 @@ from pagedserve.backend.server.openai.responses import (
     joined,
 )
 from pagedserve.backend.server.state import ServerState
-from pagedserve.backend.server.status import ModelNotFoundError, UnavailableError
+from pagedserve.backend.server.status import ModelNotFoundError
 from pagedserve.backend.telemetry.tracing import NoTrace, RpcTrace
 
 if TYPE_CHECKING:
@@ -88,11 +88,7 @@ class OpenAIRoutes:
     # -- helpers -------------------------------------------------------------------------------
 
     def _serving_engine(self) -> EngineClient:
-        reason = self._state.unavailable_reason()
-        if reason is not None:
-            raise UnavailableError(reason)
-        assert self._state.engine is not None
-        return self._state.engine
+        return self._state.serving_engine()
 
     def _check_model(self, model: str) -> None:
         if model != self._state.served_model_name:
