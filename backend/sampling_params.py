@@ -13,6 +13,9 @@ MAX_LOGPROBS = 20
 # would fail). top_k keeps to the native API's int32 field on every front.
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_TOP_K = 2**31 - 1
+# A positive temperature below this draws as greedy: it is the limit of sampling as the
+# temperature falls, and dividing float32 logits by less would overflow them.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 # A logit bias is added to the token's logit: -100 bans it in practice, +100 all but forces it.
 MAX_LOGIT_BIAS = 100.0
 
@@ -21,7 +24,8 @@ MAX_LOGIT_BIAS = 100.0
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    ``temperature=0`` is greedy. ``top_k=-1`` and ``top_p=1`` switch those filters off. Penalties
+    ``temperature=0`` is greedy, and so is any temperature below ``GREEDY_BELOW_TEMPERATURE``
+    (set to 0 on construction). ``top_k=-1`` and ``top_p=1`` switch those filters off. Penalties
     follow the common definitions: ``repetition_penalty`` divides positive logits (multiplies
     negative ones) of every token seen in prompt or output; ``presence_penalty`` and
     ``frequency_penalty`` subtract from tokens already generated.
@@ -50,6 +54,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
+        if 0.0 < self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)

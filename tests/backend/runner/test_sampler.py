@@ -222,3 +222,11 @@ def test_logit_bias_leaves_the_reported_logprobs_the_models() -> None:
     lp = out.logprobs[0]
     assert lp is not None
     assert abs(lp.logprob - float(torch.log_softmax(logits, -1)[0, 5])) < 1e-6
+
+
+def test_a_vanishing_temperature_is_greedy() -> None:
+    """A temperature so small that dividing by it would overflow float32 logits draws the
+    argmax (the limit of sampling as the temperature falls), not whatever the overflow picks."""
+    logits = torch.randn(4, VOCAB)
+    out = run([req(str(i), temperature=t) for i, t in enumerate([1e-40, 1e-30, 1e-6, 0.0])], logits)
+    assert out.token_ids == logits.argmax(-1).tolist()
