@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.kustomize_render import DEPLOY, REPO
-from tests.deploy.workloads import GRPC_PORT, METRICS_PORT, Doc, env_value, pod_templates
+from tests.deploy.workloads import GRPC_PORT, HTTP_PORT, METRICS_PORT, Doc, env_value, pod_templates
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
@@ -149,8 +149,8 @@ def test_image_runtime_matches_the_manifests(
     assert env_value(container, "PAGEDSERVE_CACHE_DIR") == cache
     for name in ("HF_HOME", "TRITON_CACHE_DIR"):
         assert env[name] == env_value(container, name)
-    assert set(_one(stage, "EXPOSE").split()) == {str(GRPC_PORT), str(METRICS_PORT)}
-    assert {p["containerPort"] for p in container["ports"]} == {GRPC_PORT, METRICS_PORT}
+    assert set(_one(stage, "EXPOSE").split()) == {str(GRPC_PORT), str(METRICS_PORT), str(HTTP_PORT)}
+    assert {p["containerPort"] for p in container["ports"]} == {GRPC_PORT, METRICS_PORT, HTTP_PORT}
     # The manifests pass only arguments: they rely on this entrypoint.
     assert json.loads(_one(stage, "ENTRYPOINT")) == ["pagedserve", "serve"]
     assert "command" not in container

@@ -18,6 +18,7 @@ import yaml
 from tests.deploy.kustomize_render import DEPLOY, NAMESPACE
 from tests.deploy.workloads import (
     GRPC_PORT,
+    HTTP_PORT,
     METRICS_PORT,
     QUEUE_METRIC,
     Doc,
@@ -100,6 +101,8 @@ def test_server_flags_match_declared_ports(rendered: Rendered) -> None:
     for where, container, _ in _servers(rendered):
         assert flag_value(container["args"], "--port") == str(GRPC_PORT), where
         assert flag_value(container["args"], "--metrics-port") == str(METRICS_PORT), where
+        http = flag_value(container["args"], "--http-port")
+        assert http in (None, "0", str(HTTP_PORT)), where
     for target, docs in rendered.items():
         for pod in pod_templates(docs):
             servers = [c for c in pod.spec["containers"] if is_server(c)]
@@ -107,6 +110,8 @@ def test_server_flags_match_declared_ports(rendered: Rendered) -> None:
                 continue
             ports = {p["name"]: p["containerPort"] for p in servers[0]["ports"]}
             assert ports["metrics"] == METRICS_PORT, f"{target}:{pod.owner}"
+            if flag_value(servers[0]["args"], "--http-port") == str(HTTP_PORT):
+                assert ports["http"] == HTTP_PORT, f"{target}:{pod.owner}"
         for runtime in by_kind(docs, "ServingRuntime"):
             assert runtime["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(
                 METRICS_PORT

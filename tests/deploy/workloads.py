@@ -10,6 +10,8 @@ Doc = dict[str, Any]
 SERVER_CONTAINER_NAMES = ("pagedserve", "kserve-container")
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+# The OpenAI-compatible HTTP API.
+HTTP_PORT = 8000
 # The server's gauge of requests waiting for admission: the autoscaling signal.
 QUEUE_METRIC = "pagedserve_num_requests_waiting"
 
