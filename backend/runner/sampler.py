@@ -306,11 +306,13 @@ class Sampler:
         penalised rows' ids are appended to their token history, queued right behind."""
         logits = logits.float()
         wanted = [i for i, n in enumerate(batch.logprobs_n) if n is not None]
+        # The rows that ask for logprobs, as a device index (None: every row or none asks).
+        wanted_index = None
+        if wanted and len(wanted) < logits.shape[0]:
+            wanted_index = to_device(torch.tensor(wanted), logits.device)
         raw_logprobs = None
         if wanted:
-            rows = logits
-            if len(wanted) < logits.shape[0]:
-                rows = logits[to_device(torch.tensor(wanted), logits.device)]
+            rows = logits if wanted_index is None else logits[wanted_index]
             raw_logprobs = torch.log_softmax(rows, dim=-1)
         for processor in batch.processors:
             logits = processor.apply(logits)
@@ -330,8 +332,7 @@ class Sampler:
 
         chosen = top_vals = top_ids = None
         if raw_logprobs is not None:
-            picked = sampled if len(wanted) == len(batch.logprobs_n) else sampled[
-                to_device(torch.tensor(wanted), sampled.device)]
+            picked = sampled if wanted_index is None else sampled[wanted_index]
             chosen = raw_logprobs.gather(1, picked.unsqueeze(1)).squeeze(1)
             k = max(batch.max_logprobs, 0)
             if k:
