@@ -176,6 +176,31 @@ class BlockManager:
                 block.block_hash = h
                 self._cached[h] = block.block_id
 
+    # -- shared prompts --------------------------------------------------------------------
+    def shareable_prompt_blocks(self, request: Request) -> int:
+        """The full blocks of the prompt that another request with the same prompt can map:
+        every one but a block holding the last prompt token, which each request computes
+        itself (its logits give its first token)."""
+        return (request.num_prompt_tokens - 1) // self.block_size
+
+    def share_prompt(self, source: Request, target: Request) -> int:
+        """Map ``source``'s full prompt blocks into ``target`` (same prompt, holding no
+        blocks), one more reference each; returns the tokens they cover. Full blocks never
+        change once computed, so the requests need no copy: each writes only blocks of its own
+        from its first unshared token on (the last, partial prompt block included)."""
+        assert not target.block_ids
+        assert source.prompt_token_ids == target.prompt_token_ids
+        num_blocks = self.shareable_prompt_blocks(target)
+        shared = source.block_ids[:num_blocks]
+        assert len(shared) == num_blocks, "the source has not got its prompt blocks"
+        for block_id in shared:
+            self.blocks[block_id].ref_count += 1  # held by the source: not in the free queue
+        target.block_ids = list(shared)
+        if not target.block_hashes:
+            target.block_hashes = source.block_hashes[:num_blocks]
+        self.block_table.append(target, 0)
+        return num_blocks * self.block_size
+
     # -- allocation ------------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Grow the request's blocks to hold ``num_new_tokens`` more tokens.

@@ -402,14 +402,18 @@ class EngineClient:
         prompt_token_ids: list[int] | None = None,
         params: SamplingParams,
         request_id: str | None = None,
+        prompt_source_id: str | None = None,
     ) -> AsyncGenerator[RequestOutputDelta, None]:
         """Admit now (raising typed errors) and send; stream deltas from the iterator.
 
-        Closing or cancelling the iterator aborts the request and frees its blocks.
+        ``prompt_source_id`` names a request sent before with the same prompt whose prompt
+        blocks this one may share (another choice of one API request). Closing or cancelling
+        the iterator aborts the request and frees its blocks.
         """
         request = self._builder.build(
             prompt=prompt, prompt_token_ids=prompt_token_ids, params=params, request_id=request_id
         )
+        request.prompt_source_id = prompt_source_id
         mailbox = _Mailbox(asyncio.get_running_loop(), self._stream_interval)
         with self._lock:
             if not self.is_alive:

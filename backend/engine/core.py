@@ -199,6 +199,12 @@ class EngineCore:
             raise ValueError(f"request id {request.request_id!r} is live: admission must refuse it")
         request.generator = self.runner.generator_for(request.params.seed)
         self.output.start(request)
+        if request.prompt_source_id is not None:
+            # Shared only while the source lives and has the very same prompt; otherwise the
+            # request computes its own (correct either way, only slower).
+            source = self.requests.get(request.prompt_source_id)
+            if source is not None and source.prompt_token_ids == request.prompt_token_ids:
+                request.prompt_source = source
         self.requests[request.request_id] = request
         self.scheduler.add_request(request)
 
@@ -329,7 +335,7 @@ class EngineCore:
     def get_load(self) -> LoadInfo:
         bm = self.block_manager
         return LoadInfo(
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=self.scheduler.num_waiting,
             num_running=len(self.scheduler.running),
             kv_cache_usage=bm.usage,
             num_free_blocks=bm.num_free_blocks,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from pagedserve.backend.config import EngineConfig
     from pagedserve.backend.engine.request import RequestBuilder
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 # -- what the messages carry ---------------------------------------------------------------

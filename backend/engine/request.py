@@ -145,6 +145,12 @@ class Request:
     num_in_flight: int = 0
     # Prompt tokens served from the prefix cache at first admission (for usage).
     num_cached_prompt_tokens: int = -1
+    # Another choice of the same API request, with the same prompt, sent before this one
+    # (parallel sampling, ``n > 1``). While both live, this request maps that one's full prompt
+    # blocks instead of computing them: the scheduler holds it back until they are computed.
+    prompt_source_id: str | None = None
+    # That request once the core has found it live (never sent over the wire).
+    prompt_source: Request | None = None
 
     # -- KV cache (written by the BlockManager only) -----------------------------------------
     block_ids: list[int] = field(default_factory=list)

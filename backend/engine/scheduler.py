@@ -12,6 +12,13 @@ work resumes before new arrivals, and since admission refuses any request that c
 the whole cache on its own, the oldest request can always make progress: no deadlock, no
 starvation.
 
+A request that shares its prompt with an earlier choice of the same API request (parallel
+sampling: ``Request.prompt_source``) is held aside, outside the queue, until that source has
+computed the prompt's full blocks. It then joins the queue ahead of later arrivals and, when
+admitted, maps those blocks (``BlockManager.share_prompt``) and computes only the rest of its
+prompt: ``n`` choices prefill their prompt once. If the source ends first, the request is
+admitted like any other (the prefix cache may still hold the blocks).
+
 With overlapped scheduling the next step is scheduled while the current one still runs on the
 device: a request whose token is being sampled counts that token as known
 (``Request.num_in_flight``), so it gets its next decode slot now and its input id is taken from
@@ -76,16 +83,57 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Requests held aside until their prompt source has computed the shared blocks.
+        self.held: list[Request] = []
         self.num_preemptions = 0
         # When admission was first held back for a group (None: not held back now).
         self._deferred_since: float | None = None
 
     @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.held)
+
+    @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.held) + len(self.running)
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; one with a live prompt source is held aside until it can share."""
+        if request.prompt_source is not None:
+            if self.block_manager.shareable_prompt_blocks(request) > 0:
+                self.held.append(request)
+                return
+            request.prompt_source = None  # a prompt within one block: nothing to share
         self.waiting.append(request)
+
+    def _can_share(self, request: Request) -> bool:
+        """Whether the request's prompt source holds the shareable blocks, computed or being
+        computed by a launched step (a later step reads them after it on the device)."""
+        source = request.prompt_source
+        assert source is not None
+        shared_tokens = self.block_manager.shareable_prompt_blocks(request) * self.block_manager.block_size
+        return source.status is RequestStatus.RUNNING and source.num_computed_tokens >= shared_tokens
+
+    def _release_held(self) -> None:
+        """Queue the held requests whose source is ready (or gone), ahead of every request
+        that arrived after them: behind the preempted ones at the front, which are older."""
+        ready = []
+        for req in self.held:
+            source = req.prompt_source
+            assert source is not None
+            if source.is_finished:
+                req.prompt_source = None
+                ready.append(req)
+            elif self._can_share(req):
+                ready.append(req)
+        if not ready:
+            return
+        self.held = [req for req in self.held if req not in ready]
+        at = 0
+        while at < len(self.waiting) and self.waiting[at].status is RequestStatus.PREEMPTED:
+            at += 1
+        for offset, req in enumerate(ready):
+            self.waiting.insert(at + offset, req)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(block_table=self.block_manager.block_table.table)
@@ -144,13 +192,18 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
+        if self.held:
+            self._release_held()
         if self._admission_deferred():
             return
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_in_flight:
                 break  # preempted while its last token was in flight: admit once it lands
-            hit = bm.match_prefix(req)
+            if req.prompt_source is not None and self._can_share(req):
+                hit = bm.share_prompt(req.prompt_source, req)
+            else:
+                hit = bm.match_prefix(req)
             req.num_computed_tokens = hit
             if req.num_cached_prompt_tokens < 0:
                 req.num_cached_prompt_tokens = min(hit, req.num_prompt_tokens)
@@ -159,6 +212,7 @@ class Scheduler:
                 bm.free(req)  # give back the prefix hits; retry next step
                 req.num_computed_tokens = 0
                 break
+            req.prompt_source = None
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -209,5 +263,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.held:
+            self.held.remove(req)
+        req.prompt_source = None
         self.block_manager.free(req)
         req.status = RequestStatus.FINISHED

@@ -185,3 +185,81 @@ def test_admission_group_never_holds_back_a_preempted_request() -> None:
     out = sched.schedule()
     assert [s.request for s in out.scheduled if s.request.status is RequestStatus.RUNNING][-1] is victim
     assert [r.request_id for r in sched.waiting] == list("abcde")
+
+
+# -- choices sharing a prompt (parallel sampling) ---------------------------------------------
+def choice_of(source: Request, rid: str) -> Request:
+    req = Request(rid, list(source.prompt_token_ids), SamplingParams(max_tokens=8))
+    req.prompt_source = source
+    return req
+
+
+def test_choices_wait_for_their_source_then_map_its_full_prompt_blocks() -> None:
+    bm = manager(64, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=8), bm)
+    source = make("s", 18)  # 4 full shareable blocks (16 tokens) + 2 tokens
+    sched.add_request(source)
+    choices = [choice_of(source, f"s-{i}") for i in (1, 2)]
+    for choice in choices:
+        sched.add_request(choice)
+    late = make("late", 4)
+    sched.add_request(late)
+    assert sched.num_waiting == 4 and sched.num_unfinished == 4
+
+    out = sched.schedule()  # the source's first chunk: 8 of its 16 shareable tokens
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("s", 8)]
+    run_step(sched, out)
+    out = sched.schedule()  # its second chunk: the choices still wait (only 16 computed after it)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("s", 8)]
+    assert sched.held == choices
+    run_step(sched, out)
+    out = sched.schedule()  # 16 computed: the choices go first, ahead of "late", 2 tokens each
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [
+        ("s", 2), ("s-1", 2), ("s-2", 2), ("late", 2)
+    ]
+    shared = source.block_ids[:4]
+    for choice in choices:
+        assert choice.block_ids[:4] == shared and choice.block_ids[4] != source.block_ids[4]
+        assert choice.num_cached_prompt_tokens == 16
+    assert [bm.blocks[b].ref_count for b in shared] == [3] * 4
+    # 5 blocks for the source, 1 more for each choice, 1 for "late": none of the prompt twice.
+    assert bm.num_blocks - bm.num_free_blocks == 5 + 2 + 1
+    for choice in choices:
+        sched.finish(choice)
+    sched.finish(source)
+    assert [bm.blocks[b].ref_count for b in shared] == [0] * 4
+
+
+def test_a_choice_whose_source_ends_first_is_admitted_on_its_own() -> None:
+    bm = manager(64, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=8), bm)
+    source = make("s", 18)
+    sched.add_request(source)
+    choice = choice_of(source, "s-1")
+    sched.add_request(choice)
+    run_step(sched, sched.schedule())
+    sched.finish(source)  # aborted mid-prefill
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("s-1", 8)]
+    assert choice.prompt_source is None and not sched.held
+
+
+def test_a_prompt_within_one_block_is_not_held() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), manager(64, 4))
+    source = make("s", 4)  # its only full block holds the last prompt token: nothing to share
+    sched.add_request(source)
+    choice = choice_of(source, "s-1")
+    sched.add_request(choice)
+    assert not sched.held
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["s", "s-1"]
+
+
+def test_an_aborted_held_choice_leaves_the_scheduler() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=8), manager(64, 4))
+    source = make("s", 18)
+    sched.add_request(source)
+    choice = choice_of(source, "s-1")
+    sched.add_request(choice)
+    sched.finish(choice)
+    assert not sched.held and sched.num_unfinished == 1
