@@ -1,12 +1,14 @@
 """An API request's choices as engine requests, and their streams read as one.
 
 ``submit_choices`` is the one place that knows how a request's ``n`` choices (times its
-prompts, for a batch of completions) reach the engine. Today each choice is an engine request
-of its own; choice ``i`` of a prompt is seeded ``seed + i`` when the request has a seed, so the
-choices differ under sampling and come back the same on a repeat. When the engine runs ``n``
-itself (the prompt prefilled once, its blocks shared), this function is what changes: the
-routes only see ``Choices``, a stream of (choice index, delta) that aborts every engine
-request it holds when closed early.
+prompts, for a batch of completions) reach the engine; the native, KServe and OpenAI APIs all
+go through it. Each choice is an engine request of its own, with its own stream, stop state
+and seed: choice ``i`` of a prompt is seeded ``seed + i`` when the request has a seed, so the
+choices differ under sampling and come back the same on a repeat (and equal ``n`` separate
+requests seeded ``seed .. seed + n - 1``). Choices after the first of a prompt name the first
+as their prompt source, so the engine prefills the prompt once and the others map its full
+blocks (``Scheduler``). The APIs only see ``Choices``, a stream of (choice index, delta) that
+aborts every engine request it holds when closed early.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pagedserve.backend.engine.request import RequestOutputDelta
+from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server.translate import PromptInput
 
 if TYPE_CHECKING:
     from pagedserve.backend.engine.client import EngineClient
@@ -29,6 +33,37 @@ DeltaStream = AsyncGenerator[RequestOutputDelta, None]
 class ChoiceDelta:
     index: int
     delta: RequestOutputDelta
+
+
+# Choices one API request may ask for in all (prompts x n): each is an engine request.
+MAX_CHOICES = 128
+
+
+def checked_num_choices(n: int | None, num_prompts: int = 1) -> int:
+    """``n`` (1 when unset) if the request may have that many choices per prompt."""
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+    if n * num_prompts > MAX_CHOICES:
+        raise InvalidRequestError(
+            "n", f"{num_prompts} prompts x n={n} exceed {MAX_CHOICES} choices in one request"
+        )
+    return n
+
+
+def prompt_token_ids(engine: EngineClient, prompt: PromptInput) -> list[int]:
+    """The prompt's ids, computed once for all its choices: text tokenized and messages
+    rendered as the engine would (ids themselves are checked when each choice is admitted)."""
+    if prompt.messages is not None:
+        return engine.render_chat(prompt.messages)
+    if prompt.prompt_token_ids is not None:
+        return prompt.prompt_token_ids
+    if not prompt.prompt:
+        raise InvalidRequestError("prompt", "must not be empty")
+    ids = engine.tokenize(prompt.prompt)
+    if not ids:  # e.g. only control characters the tokenizer drops
+        raise InvalidRequestError("prompt", "tokenizes to no tokens")
+    return ids
 
 
 def choice_request_id(request_id: str, index: int) -> str:
@@ -54,7 +89,10 @@ def submit_choices(
                     seeded = replace(params, seed=params.seed + i)
                 engine_id = choice_request_id(request_id, p * n + i)
                 stream = engine.generate(
-                    prompt_token_ids=prompt, params=seeded, request_id=engine_id
+                    prompt_token_ids=prompt,
+                    params=seeded,
+                    request_id=engine_id,
+                    prompt_source_id=None if i == 0 else choice_request_id(request_id, p * n),
                 )
                 streams.append((engine_id, stream))
     except BaseException:

@@ -26,6 +26,12 @@ from pagedserve.backend.engine.request import (
     Usage,
 )
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server.choices import (
+    ChoiceDelta,
+    checked_num_choices,
+    prompt_token_ids,
+    submit_choices,
+)
 from pagedserve.backend.server.state import ServerState
 from pagedserve.backend.server.status import (
     InvalidArgumentError,
@@ -136,10 +142,11 @@ def _set_finish(response: pb.GenerateResponse, delta: RequestOutputDelta) -> Non
         response.stop_token_id = delta.stop_reason
 
 
-def delta_to_proto(request_id: str, delta: RequestOutputDelta) -> pb.GenerateResponse:
-    """One streamed message: the delta's text and tokens, finish fields on the last one."""
+def delta_to_proto(request_id: str, delta: RequestOutputDelta, index: int = 0) -> pb.GenerateResponse:
+    """One streamed message of choice ``index``: the delta's text and tokens, finish fields on
+    the last one."""
     response = pb.GenerateResponse(
-        request_id=request_id, text=delta.text, token_ids=delta.token_ids
+        request_id=request_id, text=delta.text, token_ids=delta.token_ids, index=index
     )
     if delta.logprobs:
         response.logprobs.extend(_logprobs_to_proto(delta.logprobs))
@@ -149,10 +156,11 @@ def delta_to_proto(request_id: str, delta: RequestOutputDelta) -> pb.GenerateRes
 
 
 class CompletionAccumulator:
-    """Folds a request's deltas into the single Complete response."""
+    """Folds one choice's deltas into its whole response."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, index: int = 0) -> None:
         self._request_id = request_id
+        self._index = index
         self._text: list[str] = []
         self._token_ids: list[int] = []
         self._logprobs: list[TokenLogprob] = []
@@ -167,12 +175,30 @@ class CompletionAccumulator:
 
     def response(self) -> pb.GenerateResponse:
         response = pb.GenerateResponse(
-            request_id=self._request_id, text="".join(self._text), token_ids=self._token_ids
+            request_id=self._request_id,
+            text="".join(self._text),
+            token_ids=self._token_ids,
+            index=self._index,
         )
         response.logprobs.extend(_logprobs_to_proto(self._logprobs))
         if self._last is not None and self._last.finished:
             _set_finish(response, self._last)
         return response
+
+
+def complete_response(
+    request_id: str, accumulators: dict[int, CompletionAccumulator]
+) -> pb.GenerateResponse:
+    """Complete's one message: the choice itself when there is one, else every choice in
+    ``choices`` under a usage that counts the prompt once."""
+    if len(accumulators) == 1:
+        return accumulators[0].response()
+    choices = [accumulators[i].response() for i in sorted(accumulators)]
+    response = pb.GenerateResponse(request_id=request_id, choices=choices)
+    response.usage.prompt_tokens = choices[0].usage.prompt_tokens
+    response.usage.cached_prompt_tokens = choices[0].usage.cached_prompt_tokens
+    response.usage.completion_tokens = sum(c.usage.completion_tokens for c in choices)
+    return response
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -215,17 +241,17 @@ class GenerationServicer:
         request_id: str,
         trace: RpcTrace | NoTrace,
         streaming: bool,
-    ) -> AsyncGenerator[RequestOutputDelta, None]:
-        """Admit the request and yield its deltas; a failed request raises its typed error."""
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        """Admit the request's choices and yield their deltas; a failed choice raises its
+        typed error (and the others are aborted)."""
         if isinstance(request, UndecodableRequest):
             raise InvalidArgumentError(request.field, request.reason)
         engine = self._serving_engine()
         self._check_model(request.model)
         prompt = prompt_input_from_proto(request)
         params = sampling_params_from_proto(request)
-        prompt_token_ids = prompt.prompt_token_ids
-        if prompt.messages is not None:
-            prompt_token_ids = engine.render_chat(prompt.messages)
+        n = checked_num_choices(request.n if request.HasField("n") else None)
+        prompt_ids = prompt_token_ids(engine, prompt)
         trace.start_request(
             model=request.model,
             served_model=self._state.served_model_name,
@@ -233,24 +259,20 @@ class GenerationServicer:
             stream=streaming,
             params=params,
         )
-        stream = engine.generate(
-            prompt=prompt.prompt,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            request_id=request_id,
-        )
+        choices = submit_choices(engine, [prompt_ids], params, n, request_id)
         trace.mark_admitted()
         try:
-            async for delta in stream:
-                if delta.finish_reason is FinishReason.ERROR:
+            async for choice in choices.deltas():
+                if choice.delta.finish_reason is FinishReason.ERROR:
                     raise RpcStatusError(
-                        grpc.StatusCode.INTERNAL, f"request {request_id} failed: {delta.error}"
+                        grpc.StatusCode.INTERNAL,
+                        f"request {request_id} failed: {choice.delta.error}",
                     )
-                yield delta
+                yield choice
         finally:
-            # Closing the engine's iterator before it finished (cancel, deadline, a failure
-            # here) aborts the request and frees its blocks within one engine step.
-            await stream.aclose()
+            # Closing the engine's iterators before they finished (cancel, deadline, a failure
+            # here) aborts every choice and frees its blocks within one engine step.
+            await choices.aclose()
 
     # -- RPCs ----------------------------------------------------------------------------------
 
@@ -265,8 +287,8 @@ class GenerationServicer:
         with self._state.telemetry.rpc(SERVICE_NAME, "Generate", context, request_id) as trace:
             deltas = self._deltas(request, request_id, trace, streaming=True)
             try:
-                async for delta in deltas:
-                    await context.write(delta_to_proto(request_id, delta))
+                async for choice in deltas:
+                    await context.write(delta_to_proto(request_id, choice.delta, choice.index))
             except Exception as error:
                 if isinstance(error, grpc.aio.AbortError):
                     raise
@@ -280,13 +302,18 @@ class GenerationServicer:
         context: grpc.aio.ServicerContext,
     ) -> pb.GenerateResponse:
         request_id = _request_id(request)
-        accumulator = CompletionAccumulator(request_id)
+        accumulators: dict[int, CompletionAccumulator] = {}
         with self._state.telemetry.rpc(SERVICE_NAME, "Complete", context, request_id) as trace:
             deltas = self._deltas(request, request_id, trace, streaming=False)
             try:
-                async for delta in deltas:
-                    accumulator.add(delta)
-                return accumulator.response()
+                async for choice in deltas:
+                    accumulator = accumulators.get(choice.index)
+                    if accumulator is None:
+                        accumulator = accumulators[choice.index] = CompletionAccumulator(
+                            request_id, choice.index
+                        )
+                    accumulator.add(choice.delta)
+                return complete_response(request_id, accumulators)
             except Exception as error:
                 if isinstance(error, grpc.aio.AbortError):
                     raise

@@ -14,6 +14,11 @@ Clients written for a Triton + vLLM deployment work unchanged:
 - ``return_finish_reason``, ``return_num_input_tokens``, ``return_num_output_tokens``
   (BOOL [1]): add the ``finish_reason`` (BYTES, ``"None"`` until the last response),
   ``num_input_tokens`` and ``num_output_tokens`` (UINT32; tokens in this response) outputs.
+- ``n`` (a sampling parameter, default 1): choices for the prompt, prefilled once. Every
+  response then carries ``text_output``, ``finish_reason`` and ``num_output_tokens`` of shape
+  ``[n]``, one entry per choice: a streamed response holds one choice's delta and empty
+  entries for the others (a choice that has finished keeps its reason), and the request's
+  last response is the one after which every choice has finished.
 
 Outputs always travel in ``raw_output_contents``.
 """
@@ -21,7 +26,7 @@ Outputs always travel in ``raw_output_contents``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +34,7 @@ from pagedserve.backend.engine.request import FinishReason
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.server import kserve_protocol as kp
+from pagedserve.backend.server.choices import checked_num_choices
 from pagedserve.backend.server.kserve_tensors import (
     BOOL,
     BYTES,
@@ -125,6 +131,8 @@ class InferRequest:
     # Without streaming, text_output starts with the prompt (vLLM backend default).
     prepend_prompt: bool
     params: SamplingParams
+    # Choices for the prompt (the ``n`` sampling parameter).
+    n: int
     # Output names this request gets, in the model's output order.
     outputs: tuple[str, ...]
     empty_final_response: bool
@@ -132,7 +140,7 @@ class InferRequest:
 
 @dataclass(frozen=True)
 class ResponseContent:
-    """What one response reports for a request."""
+    """What one response reports for one choice of a request."""
 
     text: str
     finish_reason: FinishReason | None
@@ -177,15 +185,32 @@ def _sampling_values_from_json(raw: bytes) -> dict[str, Any]:
     return values
 
 
-def _sampling_params(request: Any, inputs: Mapping[str, DecodedInput]) -> SamplingParams:
+def _num_choices(value: Any) -> int:
+    """The ``n`` parameter: an integer, possibly as text like every other value here."""
+    if value is None:
+        return checked_num_choices(None)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InvalidRequestError("n", f"must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError("n", f"must be an integer, got {value!r}")
+    return checked_num_choices(value)
+
+
+def _sampling_params(
+    request: Any, inputs: Mapping[str, DecodedInput]
+) -> tuple[SamplingParams, int]:
     """From the ``sampling_parameters`` tensor, else from the request's parameters map (the
-    tensor wins, as in the vLLM backend). Either may hold numbers and flags as text
-    (``{"max_tokens": "8"}``), hence the text coercion."""
+    tensor wins, as in the vLLM backend), and the number of choices. Either may hold numbers
+    and flags as text (``{"max_tokens": "8"}``), hence the text coercion."""
     if SAMPLING_PARAMETERS in inputs:
         values = _sampling_values_from_json(inputs[SAMPLING_PARAMETERS].values[0])
     else:
         values = _sampling_values_from_parameters(request.parameters)
-    return build_sampling_params(values, coercion=Coercion.TEXT)
+    n = _num_choices(values.pop("n", None))
+    return build_sampling_params(values, coercion=Coercion.TEXT), n
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -262,7 +287,7 @@ def parse_infer_request(request: Any, model_name: str) -> InferRequest:
             "must not be false when streaming (deltas never repeat the prompt)",
         )
 
-    params = _sampling_params(request, inputs)
+    params, n = _sampling_params(request, inputs)
     enabled = {TEXT_OUTPUT} | {
         out for flag_name, out in _OPTIONAL_OUTPUTS.items() if flag(flag_name)
     }
@@ -273,6 +298,7 @@ def parse_infer_request(request: Any, model_name: str) -> InferRequest:
         stream=stream,
         prepend_prompt=prepend_prompt,
         params=params,
+        n=n,
         outputs=_requested_outputs(request, model_name, enabled),
         empty_final_response=bool(empty_final is not None and parameter_value(empty_final)),
     )
@@ -283,29 +309,34 @@ def parse_infer_request(request: Any, model_name: str) -> InferRequest:
 
 def build_response(
     request: InferRequest,
-    content: ResponseContent,
+    contents: Sequence[ResponseContent],
     *,
     model_name: str,
     model_version: str,
     final: bool | None = None,
 ) -> Any:
-    """A ``ModelInferResponse`` carrying the request's outputs (raw) and, when ``final`` is
-    given, the ``triton_final_response`` parameter."""
+    """A ``ModelInferResponse`` carrying the request's outputs (raw), one entry per choice
+    (``contents``, in index order), and, when ``final`` is given, the
+    ``triton_final_response`` parameter."""
     response = kp.ModelInferResponse(
         model_name=model_name, model_version=model_version, id=request.id
     )
     for name in request.outputs:
         spec = _OUTPUTS_BY_NAME[name]
+        shape = len(contents)
         if name == TEXT_OUTPUT:
-            raw = encode_raw_bytes([content.text.encode("utf-8")])
+            raw = encode_raw_bytes([c.text.encode("utf-8") for c in contents])
         elif name == FINISH_REASON:
-            reason = NOT_FINISHED if content.finish_reason is None else content.finish_reason.value
-            raw = encode_raw_bytes([reason.encode("utf-8")])
+            raw = encode_raw_bytes([
+                (NOT_FINISHED if c.finish_reason is None else c.finish_reason.value).encode("utf-8")
+                for c in contents
+            ])
         elif name == NUM_INPUT_TOKENS:
-            raw = encode_raw_uint32([content.num_input_tokens])
+            raw = encode_raw_uint32([contents[0].num_input_tokens])
+            shape = 1
         else:
-            raw = encode_raw_uint32([content.num_output_tokens])
-        response.outputs.add(name=name, datatype=spec.datatype, shape=[1])
+            raw = encode_raw_uint32([c.num_output_tokens for c in contents])
+        response.outputs.add(name=name, datatype=spec.datatype, shape=[shape])
         response.raw_output_contents.append(raw)
     if final is not None:
         response.parameters[FINAL_RESPONSE].bool_param = final

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -22,6 +23,7 @@ import grpc
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes
 from pagedserve.backend.errors import InvalidRequestError, RequestFailedError
 from pagedserve.backend.server import kserve_protocol as kp
+from pagedserve.backend.server.choices import ChoiceDelta, submit_choices
 from pagedserve.backend.server.kserve_convert import (
     FINAL_RESPONSE,
     STREAM,
@@ -114,11 +116,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoR
     raise AssertionError("context.abort returned")  # it raises
 
 
-class _Completion:
-    """Accumulates a request's deltas into its whole completion."""
+class _Choice:
+    """Accumulates one choice's deltas into its whole completion."""
 
     def __init__(self) -> None:
-        self.num_input_tokens = 0
         self.pieces: list[str] = []
         self.num_tokens = 0
         self.finish_reason: FinishReason | None = None
@@ -132,15 +133,51 @@ class _Completion:
             self.times = delta.times
 
 
-def _whole(request: InferRequest, completion: _Completion) -> ResponseContent:
-    """The one response of a non-streaming request: prompt + completion unless excluded."""
-    text = "".join(completion.pieces)
-    return ResponseContent(
-        text=request.prompt + text if request.prepend_prompt else text,
-        finish_reason=completion.finish_reason,
-        num_input_tokens=completion.num_input_tokens,
-        num_output_tokens=completion.num_tokens,
-    )
+class _Completion:
+    """A request's choices as their deltas come."""
+
+    def __init__(self) -> None:
+        self.num_input_tokens = 0
+        self.choices: list[_Choice] = [_Choice()]
+
+    def start(self, n: int, num_input_tokens: int) -> None:
+        self.num_input_tokens = num_input_tokens
+        self.choices = [_Choice() for _ in range(n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(choice.finish_reason is not None for choice in self.choices)
+
+    @property
+    def times(self) -> RequestTimes | None:
+        """Choice 0's marks (its engine request carries the request's id and span)."""
+        return self.choices[0].times
+
+    def streamed(self, index: int, delta: RequestOutputDelta) -> list[ResponseContent]:
+        """One streamed response's entries: this choice's delta, nothing new for the others
+        (a finished one still says why it finished)."""
+        return [
+            ResponseContent(
+                text=delta.text if i == index else "",
+                finish_reason=choice.finish_reason,
+                num_input_tokens=self.num_input_tokens,
+                num_output_tokens=len(delta.token_ids) if i == index else 0,
+            )
+            for i, choice in enumerate(self.choices)
+        ]
+
+    def whole(self, request: InferRequest) -> list[ResponseContent]:
+        """The one response of a non-streaming request: prompt + completion unless excluded."""
+        contents = []
+        for choice in self.choices:
+            text = "".join(choice.pieces)
+            contents.append(ResponseContent(
+                text=request.prompt + text if request.prepend_prompt else text,
+                finish_reason=choice.finish_reason,
+                num_input_tokens=self.num_input_tokens,
+                num_output_tokens=choice.num_tokens,
+            ))
+        return contents
 
 
 class KServeServicer:
@@ -180,24 +217,29 @@ class KServeServicer:
 
     async def _deltas(
         self, engine: EngineClient, request: InferRequest, completion: _Completion
-    ) -> AsyncGenerator[RequestOutputDelta, None]:
-        """Run ``request`` in the engine, adding each delta to ``completion`` as it comes.
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        """Run ``request``'s choices in the engine, adding each delta to ``completion`` as it
+        comes, then yielding it.
 
         Leaving the iteration early (client gone, stream cancelled) closes the engine's
-        iterator, which aborts the request and frees its blocks.
+        iterators, which aborts every choice and frees its blocks.
         """
         prompt_token_ids = engine.tokenize(request.prompt)
-        completion.num_input_tokens = len(prompt_token_ids)
+        completion.start(request.n, len(prompt_token_ids))
         try:
-            deltas = engine.generate(prompt_token_ids=prompt_token_ids, params=request.params)
+            choices = submit_choices(
+                engine, [prompt_token_ids], request.params, request.n, uuid.uuid4().hex
+            )
         except InvalidRequestError as error:
             raise _renamed_prompt_error(error) from None
-        async with contextlib.aclosing(deltas):
-            async for delta in deltas:
-                if delta.finish_reason is FinishReason.ERROR:
-                    raise RequestFailedError(f"generation failed: {delta.error}")
-                completion.add(delta)
-                yield delta
+        try:
+            async for choice in choices.deltas():
+                if choice.delta.finish_reason is FinishReason.ERROR:
+                    raise RequestFailedError(f"generation failed: {choice.delta.error}")
+                completion.choices[choice.index].add(choice.delta)
+                yield choice
+        finally:
+            await choices.aclose()
 
     async def _decoupled_responses(
         self, engine: EngineClient, request: InferRequest, completion: _Completion
@@ -206,19 +248,13 @@ class KServeServicer:
         names = {"model_name": self._model_name, "model_version": MODEL_VERSION}
         data_final = not request.empty_final_response
         async with contextlib.aclosing(self._deltas(engine, request, completion)) as deltas:
-            async for delta in deltas:
+            async for choice in deltas:
                 if request.stream:
-                    content = ResponseContent(
-                        text=delta.text,
-                        finish_reason=delta.finish_reason if delta.finished else None,
-                        num_input_tokens=completion.num_input_tokens,
-                        num_output_tokens=len(delta.token_ids),
-                    )
-                    yield build_response(
-                        request, content, final=delta.finished and data_final, **names
-                    )
+                    contents = completion.streamed(choice.index, choice.delta)
+                    final = completion.finished and data_final
+                    yield build_response(request, contents, final=final, **names)
         if not request.stream:
-            yield build_response(request, _whole(request, completion), final=data_final, **names)
+            yield build_response(request, completion.whole(request), final=data_final, **names)
         if request.empty_final_response:
             yield empty_final_response(request, **names)
 
@@ -283,7 +319,7 @@ class KServeServicer:
                 pass
         response = build_response(
             parsed,
-            _whole(parsed, completion),
+            completion.whole(parsed),
             model_name=self._model_name,
             model_version=MODEL_VERSION,
         )

@@ -22,10 +22,9 @@ from typing import Any
 
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server.choices import checked_num_choices
 from pagedserve.backend.server.translate import Coercion, build_sampling_params
 
-# Choices one request may ask for in all (prompts x n): each is an engine request.
-MAX_CHOICES = 128
 # OpenAI's default for the legacy completions endpoint; chat defaults to the room left.
 COMPLETIONS_MAX_TOKENS = 16
 
@@ -244,14 +243,7 @@ def _generation(
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("model", f"is required (a string), got {body.get('model')!r}")
     body.read_str("user")
-    n = body.read_int("n")
-    n = 1 if n is None else n
-    if not 1 <= n <= MAX_CHOICES:
-        raise InvalidRequestError("n", f"must be in [1, {MAX_CHOICES}], got {n}")
-    if n * num_prompts > MAX_CHOICES:
-        raise InvalidRequestError(
-            "n", f"{num_prompts} prompts x n={n} exceed {MAX_CHOICES} choices in one request"
-        )
+    n = checked_num_choices(body.read_int("n"), num_prompts)
     stream = body.read_bool("stream", False)
     include_usage = _include_usage(body, stream)
     values: dict[str, object] = {name: body.get(name) for name in _SAMPLING_FIELDS}

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.server.choices import Choices, submit_choices
 from pagedserve.backend.server.openai import sse
-from pagedserve.backend.server.openai.choices import Choices, submit_choices
 from pagedserve.backend.server.openai.errors import ApiError, api_error, renamed
 from pagedserve.backend.server.openai.protocol import Generation, parse_chat, parse_completion
 from pagedserve.backend.server.openai.responses import (

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbb\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.pagedserve.v1.ChatMessagesH\x00\x12\x18\n\x0btemperature\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0c \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x11 \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x14 \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x15 \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x16 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x17 \x03(\x05\x12\x17\n\nignore_eos\x18\x18 \x01(\x08H\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x19 \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x1a \x01(\x08H\r\x88\x01\x01\x12\x15\n\x08logprobs\x18\x1e \x01(\x05H\x0e\x88\x01\x01\x42\x07\n\x05inputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobs\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"\x8e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x42\r\n\x0bstop_reason\"f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xbb\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x19\n\x11special_token_ids\x18\x08 \x03(\x05\"\x10\n\x0eGetLoadRequest\"\xde\x01\n\x0fGetLoadResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x9f\x03\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08\x43omplete\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12W\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a#.pagedserve.v1.GetModelInfoResponse\x12H\n\x07GetLoad\x12\x1d.pagedserve.v1.GetLoadRequest\x1a\x1e.pagedserve.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd1\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.pagedserve.v1.ChatMessagesH\x00\x12\x18\n\x0btemperature\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0c \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x11 \x01(\x03H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x12 \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x14 \x01(\x05H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\x0c\n\x04stop\x18\x16 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x17 \x03(\x05\x12\x17\n\nignore_eos\x18\x18 \x01(\x08H\x0c\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x19 \x01(\x08H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x1a \x01(\x08H\x0e\x88\x01\x01\x12\x15\n\x08logprobs\x18\x1e \x01(\x05H\x0f\x88\x01\x01\x42\x07\n\x05inputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobs\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"\xcf\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\r\n\x05index\x18\t \x01(\r\x12\x30\n\x07\x63hoices\x18\n \x03(\x0b\x32\x1f.pagedserve.v1.GenerateResponseB\r\n\x0bstop_reason\"f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xbb\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x19\n\x11special_token_ids\x18\x08 \x03(\x05\"\x10\n\x0eGetLoadRequest\"\xde\x01\n\x0fGetLoadResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x9f\x03\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08\x43omplete\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12W\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a#.pagedserve.v1.GetModelInfoResponse\x12H\n\x07GetLoad\x12\x1d.pagedserve.v1.GetLoadRequest\x1a\x1e.pagedserve.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2113
-  _globals['_FINISHREASON']._serialized_end=2233
+  _globals['_FINISHREASON']._serialized_start=2200
+  _globals['_FINISHREASON']._serialized_end=2320
   _globals['_CHATMESSAGE']._serialized_start=49
   _globals['_CHATMESSAGE']._serialized_end=93
   _globals['_CHATMESSAGES']._serialized_start=95
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=157
   _globals['_TOKENIDS']._serialized_end=180
   _globals['_GENERATEREQUEST']._serialized_start=183
-  _globals['_GENERATEREQUEST']._serialized_end=1010
-  _globals['_USAGE']._serialized_start=1012
-  _globals['_USAGE']._serialized_end=1099
-  _globals['_TOPLOGPROB']._serialized_start=1101
-  _globals['_TOPLOGPROB']._serialized_end=1148
-  _globals['_TOKENLOGPROB']._serialized_start=1150
-  _globals['_TOKENLOGPROB']._serialized_end=1239
-  _globals['_GENERATERESPONSE']._serialized_start=1242
-  _globals['_GENERATERESPONSE']._serialized_end=1512
-  _globals['_TOKENIZEREQUEST']._serialized_start=1514
-  _globals['_TOKENIZEREQUEST']._serialized_end=1616
-  _globals['_TOKENIZERESPONSE']._serialized_start=1618
-  _globals['_TOKENIZERESPONSE']._serialized_end=1655
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1657
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1678
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1681
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1868
-  _globals['_GETLOADREQUEST']._serialized_start=1870
-  _globals['_GETLOADREQUEST']._serialized_end=1886
-  _globals['_GETLOADRESPONSE']._serialized_start=1889
-  _globals['_GETLOADRESPONSE']._serialized_end=2111
-  _globals['_GENERATIONSERVICE']._serialized_start=2236
-  _globals['_GENERATIONSERVICE']._serialized_end=2651
+  _globals['_GENERATEREQUEST']._serialized_end=1032
+  _globals['_USAGE']._serialized_start=1034
+  _globals['_USAGE']._serialized_end=1121
+  _globals['_TOPLOGPROB']._serialized_start=1123
+  _globals['_TOPLOGPROB']._serialized_end=1170
+  _globals['_TOKENLOGPROB']._serialized_start=1172
+  _globals['_TOKENLOGPROB']._serialized_end=1261
+  _globals['_GENERATERESPONSE']._serialized_start=1264
+  _globals['_GENERATERESPONSE']._serialized_end=1599
+  _globals['_TOKENIZEREQUEST']._serialized_start=1601
+  _globals['_TOKENIZEREQUEST']._serialized_end=1703
+  _globals['_TOKENIZERESPONSE']._serialized_start=1705
+  _globals['_TOKENIZERESPONSE']._serialized_end=1742
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1744
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1765
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1768
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1955
+  _globals['_GETLOADREQUEST']._serialized_start=1957
+  _globals['_GETLOADREQUEST']._serialized_end=1973
+  _globals['_GETLOADRESPONSE']._serialized_start=1976
+  _globals['_GETLOADRESPONSE']._serialized_end=2198
+  _globals['_GENERATIONSERVICE']._serialized_start=2323
+  _globals['_GENERATIONSERVICE']._serialized_end=2738
 # @@protoc_insertion_point(module_scope)

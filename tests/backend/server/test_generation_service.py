@@ -229,3 +229,52 @@ def test_stream_interval_flag_groups_tokens_per_message(
 def test_stream_interval_below_one_is_a_usage_error() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--stream-interval", "0"])
+
+
+# -- n choices ------------------------------------------------------------------------------
+CHOICE_PROMPT = "Once upon a time"
+SAMPLED = dict(max_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
+
+
+def test_n_choices_stream_on_one_call_and_equal_separately_seeded_requests(
+    client: GenerationClient,
+) -> None:
+    responses = list(client.generate(CHOICE_PROMPT, n=3, **SAMPLED))
+    by_index: dict[int, list[pb.GenerateResponse]] = {}
+    for response in responses:
+        by_index.setdefault(response.index, []).append(response)
+    assert sorted(by_index) == [0, 1, 2]
+    streamed = {}
+    for index, messages in by_index.items():
+        last = messages[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+        streamed[index] = [t for m in messages for t in m.token_ids]
+        assert last.usage.completion_tokens == len(streamed[index]) == 10
+        alone = client.complete(CHOICE_PROMPT, **{**SAMPLED, "seed": SAMPLED["seed"] + index})
+        assert streamed[index] == list(alone.token_ids)
+        assert "".join(m.text for m in messages) == alone.text
+    assert len({tuple(tokens) for tokens in streamed.values()}) == 3
+
+    whole = client.complete(CHOICE_PROMPT, n=3, **SAMPLED)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert {c.index: list(c.token_ids) for c in whole.choices} == streamed
+    assert not whole.text and not whole.token_ids
+    prompt_tokens = len(client.tokenize(CHOICE_PROMPT))
+    assert whole.usage.prompt_tokens == prompt_tokens
+    assert whole.usage.completion_tokens == 30
+    assert all(c.usage.prompt_tokens == prompt_tokens for c in whole.choices)
+
+
+def test_n_greedy_choices_are_identical(client: GenerationClient) -> None:
+    whole = client.complete(CHOICE_PROMPT, n=2, max_tokens=8, temperature=0.0)
+    first, second = whole.choices
+    assert list(first.token_ids) == list(second.token_ids) and first.text == second.text
+
+
+@pytest.mark.parametrize("n", [0, -1, 129])
+def test_n_out_of_range_is_invalid_argument(client: GenerationClient, n: int) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.complete(CHOICE_PROMPT, n=n, max_tokens=2)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("n: ")

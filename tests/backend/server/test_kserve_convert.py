@@ -329,7 +329,7 @@ def test_response_outputs_read_back_with_tritonclient() -> None:
         "Bonjour ✓", FinishReason.LENGTH, num_input_tokens=5, num_output_tokens=3
     )
     result = read_back(
-        build_response(request, content, model_name=MODEL, model_version="1", final=True)
+        build_response(request, [content], model_name=MODEL, model_version="1", final=True)
     )
     assert result.as_numpy("text_output").tolist() == ["Bonjour ✓".encode()]
     assert result.as_numpy("finish_reason").tolist() == [b"length"]
@@ -347,7 +347,7 @@ def test_running_request_reports_finish_reason_none_and_only_requested_outputs()
     assert request.outputs == ("finish_reason",)
     content = ResponseContent("x", None, num_input_tokens=1, num_output_tokens=1)
     result = read_back(
-        build_response(request, content, model_name=MODEL, model_version="1", final=False)
+        build_response(request, [content], model_name=MODEL, model_version="1", final=False)
     )
     assert result.as_numpy("text_output") is None
     assert result.as_numpy("finish_reason").tolist() == [b"None"]
@@ -357,7 +357,7 @@ def test_running_request_reports_finish_reason_none_and_only_requested_outputs()
 def test_unary_response_has_no_final_flag_and_empty_final_has_no_outputs() -> None:
     request = parse_infer_request(triton_request(), MODEL)
     content = ResponseContent("x", FinishReason.STOP, 1, 1)
-    unary = build_response(request, content, model_name=MODEL, model_version="1")
+    unary = build_response(request, [content], model_name=MODEL, model_version="1")
     assert FINAL_RESPONSE not in unary.parameters
     empty = empty_final_response(request, model_name=MODEL, model_version="1")
     assert len(empty.outputs) == 0 and len(empty.raw_output_contents) == 0

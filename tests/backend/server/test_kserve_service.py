@@ -585,3 +585,65 @@ def test_loading_model_is_not_ready_and_inference_unavailable(
         server.wait_ready(STREAM_TIMEOUT_S)
         assert client.is_server_ready() and client.is_model_ready(model)
         assert text_of(client.infer(model, make_inputs("Hi", sampling={"max_tokens": 2})))
+
+
+# ---- n choices ------------------------------------------------------------------------------
+CHOICES = {"temperature": 1.0, "seed": 5, "max_tokens": 8, "ignore_eos": True}
+
+
+def test_unary_n_gives_one_entry_per_choice_equal_to_seeded_requests(
+    triton: grpcclient.InferenceServerClient, model: str
+) -> None:
+    inputs = make_inputs(PROMPTS[1], sampling={**CHOICES, "n": "3"}, exclude=True, returns=RETURN_ALL)
+    result = triton.infer(model, inputs)
+    texts = [t.decode() for t in result.as_numpy("text_output")]
+    assert len(texts) == 3 and len(set(texts)) == 3
+    assert result.as_numpy("finish_reason").tolist() == [b"length"] * 3
+    assert result.as_numpy("num_output_tokens").tolist() == [8] * 3
+    assert result.as_numpy("num_input_tokens").shape == (1,)
+    for i, text in enumerate(texts):
+        alone = triton.infer(
+            model, make_inputs(PROMPTS[1], sampling={**CHOICES, "seed": 5 + i}, exclude=True)
+        )
+        assert text_of(alone) == text
+
+
+def test_streamed_n_interleaves_choices_and_ends_when_all_have(
+    triton: grpcclient.InferenceServerClient, model: str
+) -> None:
+    collector = StreamCollector()
+    triton.start_stream(callback=collector, stream_timeout=STREAM_TIMEOUT_S)
+    triton.async_stream_infer(
+        model,
+        make_inputs(PROMPTS[2], stream=True, returns=RETURN_ALL),
+        request_id="n2",
+        parameters={k: str(v) for k, v in {**CHOICES, "n": 2}.items()},
+    )
+    triton.stop_stream()
+    assert collector.errors == []
+    results = collector.results
+    assert [is_final(r) for r in results] == [False] * (len(results) - 1) + [True]
+    texts = ["", ""]
+    counts = [0, 0]
+    for r in results:
+        for i, (piece, count) in enumerate(
+            zip(r.as_numpy("text_output"), r.as_numpy("num_output_tokens"), strict=True)
+        ):
+            texts[i] += piece.decode()
+            counts[i] += int(count)
+    assert counts == [8, 8]
+    assert results[-1].as_numpy("finish_reason").tolist() == [b"length"] * 2
+    whole = triton.infer(
+        model, make_inputs(PROMPTS[2], sampling={**CHOICES, "n": 2}, exclude=True)
+    )
+    assert texts == [t.decode() for t in whole.as_numpy("text_output")]
+
+
+@pytest.mark.parametrize("n", ["0", "129", "two", "2.5"])
+def test_bad_n_is_invalid_argument(
+    triton: grpcclient.InferenceServerClient, model: str, n: str
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer(model, make_inputs(PROMPTS[0], sampling=f'{{"n": "{n}"}}'))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "n: " in info.value.message()
