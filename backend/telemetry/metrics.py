@@ -1,9 +1,19 @@
 """Prometheus metrics of a serving engine, on a registry of its own.
 
 Latency histograms and token counters are fed by the telemetry thread from the engine's
-deltas and step records (``observer.py``); the running/waiting/KV gauges and the prefix-cache
-counters are read from the engine's load snapshot when Prometheus scrapes, so they cost the hot
-path nothing. Every series carries the served model's name in ``model_name``.
+deltas and step records (``observer.py``); the running/waiting/KV gauges, the cache
+configuration and the prefix-cache counters are read from the engine's load snapshot when
+Prometheus scrapes, so they cost the hot path nothing. Every series carries the served model's
+name in ``model_name``.
+
+The gauges are also what an inference gateway's endpoint picker scrapes to route requests (the
+Gateway API Inference Extension's model server protocol): queued requests, running requests,
+KV-cache utilisation as a 0-1 fraction, and a ``cache_config_info``-style gauge whose labels
+carry the block size and the number of blocks, for its prefix-cache scorer. The protocol fixes
+types and semantics, not names, and the picker is told the names per engine (``engineConfigs``
+in its EndpointPickerConfig, deploy/k8s/inference-gateway), so they keep our ``pagedserve_``
+prefix: vLLM's ``vllm:`` names would pass this server off as vLLM, and the autoscalers already
+read ``pagedserve_num_requests_waiting``.
 """
 
 from __future__ import annotations
@@ -18,13 +28,22 @@ from prometheus_client.registry import Collector
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
 
 if TYPE_CHECKING:
-    from pagedserve.backend.engine.messages import LoadInfo, StepInfo
+    from pagedserve.backend.engine.messages import LoadInfo, ModelInfo, StepInfo
 
 PREFIX = "pagedserve"
 MODEL_LABEL = "model_name"
 REASON_LABEL = "finish_reason"
-# Autoscalers (deploy/k8s KEDA and HPA, deploy/kserve) query this name: keep it.
+# Autoscalers (deploy/k8s KEDA and HPA, deploy/kserve) and the endpoint picker
+# (deploy/k8s/inference-gateway) query these names: keep them.
 WAITING_GAUGE = f"{PREFIX}_num_requests_waiting"
+RUNNING_GAUGE = f"{PREFIX}_num_requests_running"
+KV_CACHE_USAGE_GAUGE = f"{PREFIX}_kv_cache_usage_ratio"
+CACHE_CONFIG_INFO = f"{PREFIX}_cache_config_info"
+# The label names vLLM gives its cache_config_info, which the endpoint picker reads by default.
+# "gpu" is the picker's word for the accelerator's KV cache; on a CPU server it counts the
+# blocks of the cache in host memory.
+BLOCK_SIZE_LABEL = "block_size"
+NUM_BLOCKS_LABEL = "num_gpu_blocks"
 
 # Bucket bounds in seconds: decode steps are milliseconds on a GPU and tenths on a CPU;
 # queueing and whole requests reach minutes under load.
@@ -49,6 +68,7 @@ class _LoadCollector(Collector):
 
     def __init__(self) -> None:
         self.model_name = ""
+        self.block_size = 0
         self.load: LoadSource | None = None
 
     def collect(self) -> Iterable[Metric]:
@@ -67,13 +87,21 @@ class _LoadCollector(Collector):
             family.add_metric(labels, value)
             return family
 
+        # An info-style gauge: always 1, the configuration is in its labels (vLLM's shape).
+        cache_config = GaugeMetricFamily(
+            CACHE_CONFIG_INFO, "KV-cache configuration: tokens per block and number of blocks.",
+            labels=[MODEL_LABEL, BLOCK_SIZE_LABEL, NUM_BLOCKS_LABEL],
+        )
+        cache_config.add_metric(
+            [self.model_name, str(self.block_size), str(load.num_total_blocks)], 1
+        )
         return [
-            gauge(f"{PREFIX}_num_requests_running", "Requests in the running batch.",
-                  load.num_running),
+            gauge(RUNNING_GAUGE, "Requests in the running batch.", load.num_running),
             gauge(WAITING_GAUGE, "Requests admitted but not yet scheduled (incl. preempted).",
                   load.num_waiting),
-            gauge(f"{PREFIX}_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).",
+            gauge(KV_CACHE_USAGE_GAUGE, "Fraction of KV-cache blocks in use (0-1).",
                   load.kv_cache_usage),
+            cache_config,
             counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                     load.prefix_cache_queries),
             counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
@@ -122,10 +150,12 @@ class ServingMetrics:
         r.register(self._load)
         self._last_token: dict[str, float] = {}
 
-    def bind(self, model_name: str, load: LoadSource) -> None:
-        """Label every series with ``model_name``; ``load`` feeds the gauges. Call once,
-        before the hooks below."""
+    def bind(self, model: ModelInfo, load: LoadSource) -> None:
+        """Label every series with the served model's name; ``load`` feeds the gauges. Call
+        once, before the hooks below."""
+        model_name = model.name
         self._load.model_name = model_name
+        self._load.block_size = model.block_size
         self._load.load = load
         self._ttft_m = self._ttft.labels(model_name)
         self._itl_m = self._itl.labels(model_name)

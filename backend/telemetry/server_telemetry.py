@@ -129,7 +129,7 @@ class ServerTelemetry:
         if self._observer is None:
             return
         if self.metrics is not None:
-            self.metrics.bind(engine.model_info.name, engine.get_load)
+            self.metrics.bind(engine.model_info, engine.get_load)
         engine.add_step_listener(self._observer.on_step)
         engine.add_output_listener(self._observer.on_outputs)
 

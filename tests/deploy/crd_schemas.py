@@ -3,7 +3,9 @@
 These are NOT the upstream CRD schemas (those are not available offline here). They are our
 own JSON schemas, written from the field names, types and enums of the upstream API
 definitions (KEDA keda.sh/v1alpha1, Istio networking.istio.io/v1, KServe serving.kserve.io,
-LeaderWorkerSet leaderworkerset.x-k8s.io/v1): every object level we use is closed
+LeaderWorkerSet leaderworkerset.x-k8s.io/v1, the Inference Extension's InferencePool
+inference.networking.k8s.io/v1, Gateway API HTTPRoute gateway.networking.k8s.io/v1 standard
+channel): every object level we use is closed
 (additionalProperties: false), so a misspelt or misplaced field fails. Parts of a custom
 resource that are core Kubernetes types (pod templates, containers, HPA behavior) are pulled
 out by ``embedded_core_objects`` and validated strictly by kubernetes-validate instead.
@@ -425,6 +427,269 @@ LEADER_WORKER_SET = _resource(
     ),
 )
 
+# --- Gateway API Inference Extension --------------------------------------------------------
+
+_PORT_NUMBER: Schema = {"type": "integer", "minimum": 1, "maximum": 65535}
+_PORT: Schema = _closed({"number": _PORT_NUMBER}, ("number",))
+_GROUP: Schema = {
+    "type": "string",
+    "maxLength": 253,
+    "pattern": r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+}
+_KIND: Schema = {"type": "string", "maxLength": 63, "pattern": r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"}
+_REF_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 253}
+_LABEL_VALUE: Schema = {
+    "type": "string",
+    "maxLength": 63,
+    "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+}
+
+INFERENCE_POOL = _resource(
+    "inference.networking.k8s.io/v1",
+    "InferencePool",
+    _closed(
+        {
+            # Labels only (no matchExpressions), so a gateway can turn it into a Service.
+            "selector": _closed(
+                {
+                    "matchLabels": {
+                        "type": "object",
+                        "minProperties": 1,
+                        "maxProperties": 64,
+                        "additionalProperties": _LABEL_VALUE,
+                    }
+                },
+                ("matchLabels",),
+            ),
+            "targetPorts": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 8,
+                "uniqueItems": True,
+                "items": _PORT,
+            },
+            "appProtocol": {"enum": ["http", "kubernetes.io/h2c"]},
+            "endpointPickerRef": {
+                **_closed(
+                    {
+                        "group": _GROUP,
+                        "kind": _KIND,
+                        "name": _REF_NAME,
+                        "port": _PORT,
+                        "failureMode": {"enum": ["FailOpen", "FailClose"]},
+                    },
+                    ("name",),
+                ),
+                # The CRD's rule: a Service (the default kind) needs its port.
+                "if": {
+                    "anyOf": [
+                        {"not": {"required": ["kind"]}},
+                        {"properties": {"kind": {"const": "Service"}}},
+                    ]
+                },
+                "then": {"required": ["port"]},
+            },
+        },
+        ("selector", "targetPorts"),
+    ),
+)
+
+# --- Gateway API (standard channel) ----------------------------------------------------------
+
+_GATEWAY_DURATION: Schema = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
+_NAMESPACE: Schema = {"type": "string", "maxLength": 63, "pattern": _DNS_LABEL}
+_SECTION_NAME: Schema = {
+    "type": "string",
+    "maxLength": 253,
+    "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+}
+
+_HTTP_PATH_MATCH: Schema = {
+    **_closed(
+        {
+            "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+            "value": {"type": "string", "maxLength": 1024},
+        }
+    ),
+    # Exact and prefix matches are absolute paths.
+    "if": {"properties": {"type": {"enum": ["Exact", "PathPrefix"]}}},
+    "then": {"properties": {"value": {"pattern": r"^/"}}},
+}
+
+HTTP_ROUTE = _resource(
+    "gateway.networking.k8s.io/v1",
+    "HTTPRoute",
+    _closed(
+        {
+            "parentRefs": {
+                "type": "array",
+                "maxItems": 32,
+                "items": _closed(
+                    {
+                        "group": _GROUP,
+                        "kind": _KIND,
+                        "namespace": _NAMESPACE,
+                        "name": _REF_NAME,
+                        "sectionName": _SECTION_NAME,
+                        "port": _PORT_NUMBER,
+                    },
+                    ("name",),
+                ),
+            },
+            "hostnames": {"type": "array", "maxItems": 16, "items": _STR},
+            "rules": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 16,
+                "items": _closed(
+                    {
+                        "name": _SECTION_NAME,
+                        "matches": {
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": _closed(
+                                {
+                                    "path": _HTTP_PATH_MATCH,
+                                    "headers": {"type": "array"},
+                                    "queryParams": {"type": "array"},
+                                    "method": {
+                                        "enum": [
+                                            "GET", "HEAD", "POST", "PUT", "DELETE",
+                                            "CONNECT", "OPTIONS", "TRACE", "PATCH",
+                                        ]
+                                    },
+                                }
+                            ),
+                        },
+                        "filters": {"type": "array"},
+                        "backendRefs": {
+                            "type": "array",
+                            "maxItems": 16,
+                            "items": _closed(
+                                {
+                                    "group": _GROUP,
+                                    "kind": _KIND,
+                                    "name": _REF_NAME,
+                                    "namespace": _NAMESPACE,
+                                    "port": _PORT_NUMBER,
+                                    "weight": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                                    "filters": {"type": "array"},
+                                },
+                                ("name",),
+                            ),
+                        },
+                        "timeouts": _closed(
+                            {"request": _GATEWAY_DURATION, "backendRequest": _GATEWAY_DURATION}
+                        ),
+                    }
+                ),
+            },
+        }
+    ),
+)
+
+# --- The endpoint picker's configuration file (llm-d-router v0.9.0) ---------------------------
+# Not a cluster object: the file the picker reads from its ConfigMap. The picker decodes it
+# strictly (unknown fields fail its start), plugin parameters included, so it is closed too.
+
+# A Prometheus metric name with optional {label="value"} filters; "" turns a metric off.
+_METRIC_SPEC: Schema = {"type": "string", "pattern": r"^([a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})?)?$"}
+_LABEL_NAME: Schema = {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"}
+
+_METRICS_SOURCE_PARAMETERS = _closed(
+    {"scheme": {"enum": ["http", "https"]}, "path": {"type": "string", "pattern": r"^/"},
+     "insecureSkipVerify": _BOOL}
+)
+_ENGINE_CONFIG = _closed(
+    {
+        "name": {"type": "string", "minLength": 1},
+        "queuedRequestsSpec": _METRIC_SPEC,
+        "runningRequestsSpec": _METRIC_SPEC,
+        "kvUsageSpec": _METRIC_SPEC,
+        "loraSpec": _METRIC_SPEC,
+        "cacheInfoSpec": _METRIC_SPEC,
+        "cacheBlockSizeLabelName": _LABEL_NAME,
+        "cacheNumBlocksLabelName": _LABEL_NAME,
+        "cacheBlockSizeSpec": _METRIC_SPEC,
+        "cacheNumBlocksSpec": _METRIC_SPEC,
+        "customMetrics": {
+            "type": "array",
+            "items": _closed({"attributeKey": _STR, "metricSpec": _METRIC_SPEC},
+                             ("attributeKey", "metricSpec")),
+        },
+    },
+    ("name",),
+)
+_METRICS_EXTRACTOR_PARAMETERS = _closed(
+    {
+        "engineLabelKey": _STR,
+        "defaultEngine": _STR,
+        "engineConfigs": {"type": "array", "items": _ENGINE_CONFIG},
+    }
+)
+
+
+def _parameters_of(plugin_type: str, parameters: Schema) -> Schema:
+    return {
+        "if": {"properties": {"type": {"const": plugin_type}}, "required": ["type"]},
+        "then": {"properties": {"parameters": parameters}},
+    }
+
+
+_PLUGIN_REF: Schema = _closed({"pluginRef": _STR}, ("pluginRef",))
+
+ENDPOINT_PICKER_CONFIG = _closed(
+    {
+        "apiVersion": {"const": "llm-d.ai/v1alpha1"},
+        "kind": {"const": "EndpointPickerConfig"},
+        "featureGates": {"type": "array", "items": _STR},
+        "plugins": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                **_closed({"name": _STR, "type": _STR, "parameters": _OBJ}, ("type",)),
+                "allOf": [
+                    _parameters_of("metrics-data-source", _METRICS_SOURCE_PARAMETERS),
+                    _parameters_of("core-metrics-extractor", _METRICS_EXTRACTOR_PARAMETERS),
+                ],
+            },
+        },
+        "schedulingProfiles": {
+            "type": "array",
+            "items": _closed(
+                {
+                    "name": _STR,
+                    "plugins": {
+                        "type": "array",
+                        "items": _closed(
+                            {"pluginRef": _STR, "weight": {"type": "number"}}, ("pluginRef",)
+                        ),
+                    },
+                },
+                ("name",),
+            ),
+        },
+        "dataLayer": _closed(
+            {
+                "injectDefaults": _BOOL,
+                "sources": {
+                    "type": "array",
+                    "items": _closed(
+                        {"pluginRef": _STR, "extractors": {"type": "array", "items": _PLUGIN_REF}},
+                        ("pluginRef", "extractors"),
+                    ),
+                },
+                "discovery": _OBJ,
+            }
+        ),
+        "flowControl": _OBJ,
+        "requestHandler": _OBJ,
+        "saturationDetector": _OBJ,
+        "parser": _OBJ,
+    },
+    ("apiVersion", "kind", "plugins"),
+)
+
 CRD_SCHEMAS: dict[tuple[str, str], Schema] = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("networking.istio.io/v1", "DestinationRule"): DESTINATION_RULE,
@@ -432,6 +697,8 @@ CRD_SCHEMAS: dict[tuple[str, str], Schema] = {
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): SERVING_RUNTIME,
     ("serving.kserve.io/v1beta1", "InferenceService"): INFERENCE_SERVICE,
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): LEADER_WORKER_SET,
+    ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCE_POOL,
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
 }
 
 

@@ -40,6 +40,9 @@ TARGETS: tuple[Target, ...] = (
     Target("lws", DEPLOY / "k8s/lws"),
     Target("kserve", DEPLOY / "kserve"),
 )
+# The CPU overlay behind an inference gateway. Its endpoint picker is not a pagedserve workload,
+# so it is checked by its own tests rather than the ones every target above goes through.
+GATEWAY = Target("inference-gateway", DEPLOY / "k8s/inference-gateway")
 
 
 def kustomize_command() -> list[str]:

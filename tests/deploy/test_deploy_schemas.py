@@ -11,12 +11,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from tests.deploy.crd_schemas import CRD_SCHEMAS, embedded_core_objects
-from tests.deploy.kustomize_render import DEPLOY, TARGETS
-
-# The oldest Kubernetes the manifests support (grpc probes GA in 1.27, PDB
-# unhealthyPodEvictionPolicy GA in 1.31) and the newest the pinned kubernetes-validate knows.
-KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+from tests.deploy.crd_schemas import CRD_SCHEMAS
+from tests.deploy.kustomize_render import DEPLOY, GATEWAY, TARGETS
+from tests.deploy.object_checks import check
 
 # Every kustomization under deploy/ must be rendered by some target, directly or through one.
 KUSTOMIZATION_DIRS = {
@@ -28,27 +25,12 @@ KUSTOMIZATION_DIRS = {
     "k8s/overlays/gpu",
     "k8s/overlays/gpu-istio",
     "k8s/lws",
+    "k8s/inference-gateway",
     "istio",
     "kserve",
 }
 
 Doc = dict[str, Any]
-
-
-def _core_validate(doc: Doc) -> None:
-    for version in KUBERNETES_VERSIONS:
-        kubernetes_validate.validate(doc, version, strict=True)
-
-
-def _check(doc: Doc) -> None:
-    """Raise if `doc` is invalid, or if nothing here knows how to check its kind."""
-    key = (doc["apiVersion"], doc["kind"])
-    if key in CRD_SCHEMAS:
-        jsonschema.Draft202012Validator(CRD_SCHEMAS[key]).validate(doc)
-        for core in embedded_core_objects(doc):
-            _core_validate(core)
-    else:
-        _core_validate(doc)
 
 
 def _all_docs(rendered: dict[str, list[Doc]]) -> list[tuple[str, Doc]]:
@@ -58,8 +40,10 @@ def _all_docs(rendered: dict[str, list[Doc]]) -> list[tuple[str, Doc]]:
 def test_every_kustomization_is_rendered() -> None:
     found = {p.parent.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("kustomization.yaml")}
     assert found == KUSTOMIZATION_DIRS
-    reached = {t.directory.relative_to(DEPLOY).as_posix() for t in TARGETS} | {
-        c.relative_to(DEPLOY).as_posix() for t in TARGETS for c in t.components
+    # The inference gateway is rendered and checked on its own (test_deploy_inference_gateway).
+    targets = (*TARGETS, GATEWAY)
+    reached = {t.directory.relative_to(DEPLOY).as_posix() for t in targets} | {
+        c.relative_to(DEPLOY).as_posix() for t in targets for c in t.components
     }
     # The rest are pulled in by the targets' own resources/components lists.
     assert reached == KUSTOMIZATION_DIRS - {"k8s/models", "k8s/components/keda", "istio"}
@@ -91,7 +75,7 @@ def test_all_rendered_objects_are_valid(rendered: dict[str, list[Doc]]) -> None:
     failures = []
     for target, doc in _all_docs(rendered):
         try:
-            _check(doc)
+            check(doc)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as exc:
             failures.append(f"{target}: {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
     assert not failures, "\n".join(failures)
@@ -117,7 +101,7 @@ def test_core_objects_are_checked_by_kubernetes_validate(rendered: dict[str, lis
 def test_unknown_kind_is_rejected() -> None:
     doc = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
-        _check(doc)
+        check(doc)
 
 
 def _mutated(rendered: dict[str, list[Doc]], target: str, kind: str) -> Doc:
@@ -182,7 +166,7 @@ def test_checks_catch_mistakes(
 ) -> None:
     """Each kind of check rejects a realistic typo, so passing means something."""
     doc = _mutated(rendered, target, kind)
-    _check(doc)
+    check(doc)
     mutate(doc)
     with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
-        _check(doc)
+        check(doc)
