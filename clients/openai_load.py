@@ -31,8 +31,12 @@ from pagedserve.clients.security import ChannelSecurity
 COMPLETIONS_PATH = "/v1/completions"
 _DONE = b"[DONE]"
 _DATA = b"data:"
+_DATA_SPACE = b"data: "
 # An error body's text kept in the report when it is not OpenAI's error shape.
 _ERROR_TEXT_CHARS = 200
+_NULL_USAGE_END = b',"usage":null}'
+_ERROR_START = b'{"error"'
+_NO_CHOICES = b'"choices":[]'
 
 
 class SseDecoder:
@@ -53,13 +57,10 @@ class SseDecoder:
         self._pending = rest + held
         return [payload for event in events if (payload := _event_data(event)) is not None]
 
-    @property
-    def pending(self) -> bool:
-        """Bytes of an event not yet ended by a blank line."""
-        return bool(self._pending.strip())
-
 
 def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(_DATA_SPACE) and b"\n" not in event:
+        return event[len(_DATA_SPACE):]  # the usual event: one data line
     lines = [line[len(_DATA):] for line in event.split(b"\n") if line.startswith(_DATA)]
     if not lines:
         return None  # a comment or a field other than data
@@ -74,6 +75,41 @@ def _error_message(body: Any) -> str | None:
     kind = error.get("type")
     message = error.get("message")
     return f"{kind}: {message}" if kind else str(message)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one streamed chunk tells the measurement."""
+
+    has_choices: bool  # a message of the stream: it carries a choice's delta
+    completion_tokens: int | None = None  # the usage chunk's count
+    error: str | None = None  # an error event's type and message
+
+
+_CHOICE_CHUNK = Chunk(has_choices=True)
+_NO_CHOICE_CHUNK = Chunk(has_choices=False)
+
+
+def read_chunk(payload: bytes) -> Chunk:
+    """One chunk's JSON, read in full only where it can hold usage or an error.
+
+    A token chunk is by far the most common, and under load the client parses tens of
+    thousands a second: in compact JSON (as pagedserve writes it) it ends with its null usage,
+    and its choices are empty only if ``"choices":[]`` appears (neither can occur inside a JSON
+    string, where every quote is escaped). Anything else is parsed.
+    """
+    if payload.endswith(_NULL_USAGE_END) and not payload.startswith(_ERROR_START):
+        return _NO_CHOICE_CHUNK if _NO_CHOICES in payload else _CHOICE_CHUNK
+    try:
+        chunk = json.loads(payload)
+        message = _error_message(chunk)
+        if message is not None:
+            return Chunk(has_choices=False, error=f"in-stream error: {message}")
+        usage = chunk.get("usage")
+        tokens = None if usage is None else int(usage["completion_tokens"])
+        return Chunk(has_choices=bool(chunk.get("choices")), completion_tokens=tokens)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"stream: malformed chunk {payload[:_ERROR_TEXT_CHARS]!r}") from None
 
 
 def ssl_context(security: ChannelSecurity) -> ssl.SSLContext | None:
@@ -189,8 +225,6 @@ async def _read_stream(
         now = time.perf_counter()
         for payload in decoder.feed(data):
             if payload == _DONE:
-                if decoder.pending:
-                    return "stream: bytes after data: [DONE]"
                 if error is not None:
                     return error
                 if completion_tokens is None:
@@ -198,17 +232,13 @@ async def _read_stream(
                 record.output_tokens = completion_tokens
                 return None
             try:
-                chunk = json.loads(payload)
-                message = _error_message(chunk)
-                usage = chunk.get("usage")
-                if usage is not None:
-                    completion_tokens = int(usage["completion_tokens"])
-            except (ValueError, KeyError, TypeError, AttributeError):
-                return f"stream: malformed chunk {payload[:_ERROR_TEXT_CHARS]!r}"
-            if message is not None:
-                error = f"in-stream error: {message}"
-                continue
-            if chunk.get("choices"):
+                chunk = read_chunk(payload)
+            except ValueError as malformed:
+                return str(malformed)
+            error = chunk.error or error
+            if chunk.completion_tokens is not None:
+                completion_tokens = chunk.completion_tokens
+            if chunk.has_choices:
                 if record.ttft is None:
                     record.ttft = now - start
                 else:

@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -15,9 +16,11 @@ from pagedserve.backend.server.server import BackgroundServer
 from pagedserve.clients.load_record import RequestRecord
 from pagedserve.clients.loadgen import LoadPattern, ServeWorkload, run_bench_serve, run_load
 from pagedserve.clients.openai_load import (
+    Chunk,
     CompletionsTarget,
     OpenAICompletions,
     SseDecoder,
+    read_chunk,
 )
 
 TINY_VOCAB = 49152
@@ -31,14 +34,42 @@ def test_sse_decoder_gives_whole_events_however_the_bytes_are_cut() -> None:
         b"data: [DONE]\n\n"
     )
     expected = [b'{"a": 1}', b"first line\nsecond line", b"[DONE]"]
-    whole = SseDecoder()
-    assert whole.feed(stream) == expected and not whole.pending
+    assert SseDecoder().feed(stream) == expected
     for size in (1, 2, 5, 13):
         decoder = SseDecoder()
         events = [e for i in range(0, len(stream), size) for e in decoder.feed(stream[i:i + size])]
         assert events == expected, size
     cut = SseDecoder()
-    assert cut.feed(b"data: {\"a\"") == [] and cut.pending
+    assert cut.feed(b"data: {\"a\"") == [] and cut.feed(b"}\n\n") == [b'{"a"}']
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        # Token text that spells the very markers the fast path looks for.
+        ({"id": "c", "choices": [{"index": 0, "text": '"choices":[] ,"usage":null}'}],
+         "usage": None}, Chunk(has_choices=True)),
+        ({"id": "c", "choices": [], "usage": None}, Chunk(has_choices=False)),
+        ({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}},
+         Chunk(has_choices=False, completion_tokens=7)),
+        ({"id": "c", "choices": [{"index": 0, "text": "x"}]}, Chunk(has_choices=True)),
+        ({"error": {"message": "gone", "type": "server_error"}, "usage": None},
+         Chunk(has_choices=False, error="in-stream error: server_error: gone")),
+    ],
+)
+def test_a_chunk_reads_the_same_compact_or_spaced(chunk: dict[str, Any], expected: Chunk) -> None:
+    """The compact form (pagedserve's) may take the fast path, any other form is parsed:
+    both say the same."""
+    compact = json.dumps(chunk, separators=(",", ":")).encode()
+    spaced = json.dumps(chunk, indent=1).encode()
+    assert read_chunk(compact) == expected
+    assert read_chunk(spaced) == expected
+
+
+def test_a_malformed_chunk_is_an_error() -> None:
+    for payload in (b"{not json", b'{"usage": {"prompt_tokens": 1}}', b"[1, 2]"):
+        with pytest.raises(ValueError, match="malformed chunk"):
+            read_chunk(payload)
 
 
 async def test_openai_api_load_counts_every_token_exactly(tiny_server: BackgroundServer) -> None:
