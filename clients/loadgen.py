@@ -151,7 +151,7 @@ class BenchReport:
     # Every round's output tokens/s when the run was repeated (the report is the best round).
     rounds_output_throughput: list[float] = field(default_factory=list)
     rounds_offline_output_throughput: list[float] = field(default_factory=list)
-    api: str = "grpc"
+    api: Api = "grpc"
 
     @classmethod
     def best_of(cls, reports: list[BenchReport], offline: list[float]) -> BenchReport:
@@ -217,11 +217,9 @@ class BenchReport:
         print(f"{'request throughput (req/s)':<28}{self.request_throughput:.2f}", file=out)
         print(f"{'output tokens/s':<28}{self.output_throughput:.1f}", file=out)
         cached = self.total_cached_prompt_tokens
-        if cached is None:
-            print(f"{'prefix-cached prompt tokens':<28}not reported by this API", file=out)
         share = cached / self.total_input_tokens if cached and self.total_input_tokens else 0.0
-        if cached is not None:
-            print(f"{'prefix-cached prompt tokens':<28}{cached} ({share:.0%})", file=out)
+        shown = "not reported by this API" if cached is None else f"{cached} ({share:.0%})"
+        print(f"{'prefix-cached prompt tokens':<28}{shown}", file=out)
         if share > PREFIX_CACHE_NOTE_SHARE:
             print(
                 "note: most prompt tokens came from the server's prefix cache (an earlier run "

@@ -4,6 +4,7 @@ every way a request can fail (a status, an in-stream error, a cut stream) counte
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -110,7 +111,9 @@ def test_bench_serve_api_openai_reports_the_requested_tokens(
     assert report["api"] == "openai" and report["failed"] == 0
     assert report["completed"] == 6 and report["total_output_tokens"] == 30
     assert report["total_input_tokens"] == 96
-    assert "(openai API)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "(openai API)" in shown
+    assert re.search(r"prefix-cached prompt tokens\s+not reported by this API", shown)
 
 
 def test_bench_serve_api_openai_counts_refused_requests_as_failures(

@@ -33,7 +33,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedserve.clients.loadgen import Api, BenchReport
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -140,23 +143,23 @@ class Server:
             return -1
 
 
-def measure(server: Server, setting: Setting, rounds: int) -> dict[str, list[Any]]:
+def measure(server: Server, setting: Setting, rounds: int) -> dict[str, list[BenchReport]]:
     """Every timed round's report, by API."""
     from pagedserve.clients.loadgen import APIS, LoadPattern, ServeWorkload, run_load
 
-    def one(api: str, seed: int) -> Any:
+    def one(api: Api, seed: int) -> BenchReport:
         workload = ServeWorkload(
             setting.num_requests, setting.input_len, setting.output_len, seed=seed
         )
         target = server.http_address if api == "openai" else server.address
         run = run_load(
-            target, workload, LoadPattern(), progress=False, api=api,  # type: ignore[arg-type]
+            target, workload, LoadPattern(), progress=False, api=api,
             model_info_target=server.address,
         )
         return asyncio.run(run)
 
     one("grpc", SEED_BASE - 1)  # untimed: the first full batch's one-off costs
-    reports: dict[str, list[Any]] = {api: [] for api in APIS}
+    reports: dict[str, list[BenchReport]] = {api: [] for api in APIS}
     for round_index in range(rounds):
         order = APIS if round_index % 2 == 0 else APIS[::-1]
         for position, api in enumerate(order):
@@ -167,7 +170,7 @@ def measure(server: Server, setting: Setting, rounds: int) -> dict[str, list[Any
     return reports
 
 
-def table(best: dict[str, Any], rounds: dict[str, list[float]]) -> str:
+def table(best: dict[str, BenchReport], rounds: dict[str, list[float]]) -> str:
     lines = [
         "| API | output tok/s (best) | rounds | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | failed |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
