@@ -6,7 +6,11 @@ lengths the prompts are exactly those of ``pagedserve bench offline`` for the sa
 ``--compare-offline`` can put the offline engine's output tokens/s beside the server's on the
 same workload, measured in the same run.
 
-The client side is pure gRPC; only an in-process server (no ``--server``) loads the engine.
+``--api`` picks the API the load goes through: native gRPC Generate streams, or streamed
+``/v1/completions`` of the OpenAI-compatible HTTP API (``openai_load``). Either way the
+prompts, arrivals and statistics are this module's, so the two reports compare like for like.
+The prompts' vocabulary comes from the gRPC ModelInfo in both cases: OpenAI's API does not say
+it. The client side needs no torch; only an in-process server (no ``--server``) loads the engine.
 """
 
 from __future__ import annotations
@@ -18,14 +22,26 @@ import math
 import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TextIO
+from functools import partial
+from typing import Any, Literal, TextIO, get_args
 
 import grpc
 
 from pagedserve.clients.client import AsyncGenerationClient
-from pagedserve.clients.security import add_connection_args, connection_from_args
+from pagedserve.clients.load_record import RequestRecord
+from pagedserve.clients.security import (
+    ChannelSecurity,
+    add_connection_args,
+    connection_from_args,
+)
+
+Api = Literal["grpc", "openai"]
+APIS: tuple[Api, ...] = get_args(Api)
+# One measured request: (prompt token ids, max_tokens, ignore_eos) -> its record.
+SendRequest = Callable[[list[int], int, bool], Awaitable[RequestRecord]]
 
 PERCENTILES = (50, 90, 99)
 _MS = 1000.0
@@ -93,25 +109,6 @@ class LoadPattern:
 PREFIX_CACHE_NOTE_SHARE = 0.5
 
 
-@dataclass
-class RequestRecord:
-    """One request's timeline, seconds relative to its send time."""
-
-    prompt_tokens: int
-    output_tokens: int = 0
-    cached_prompt_tokens: int = 0  # served from the server's prefix cache
-    ttft: float | None = None
-    latency: float | None = None
-    itls: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def tpot(self) -> float | None:
-        if self.latency is None or self.ttft is None or self.output_tokens < 2:
-            return None
-        return (self.latency - self.ttft) / (self.output_tokens - 1)
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default), ``q`` in [0, 100]."""
     ordered = sorted(values)
@@ -141,8 +138,8 @@ class BenchReport:
     total_input_tokens: int
     total_output_tokens: int
     # Prompt tokens the server took from its prefix cache: a run that repeats an earlier run's
-    # prompts against the same server skips most of its prefill.
-    total_cached_prompt_tokens: int
+    # prompts against the same server skips most of its prefill. None: the API does not say.
+    total_cached_prompt_tokens: int | None
     request_throughput: float
     output_throughput: float
     ttft_ms: dict[str, float]
@@ -154,6 +151,7 @@ class BenchReport:
     # Every round's output tokens/s when the run was repeated (the report is the best round).
     rounds_output_throughput: list[float] = field(default_factory=list)
     rounds_offline_output_throughput: list[float] = field(default_factory=list)
+    api: Api = "grpc"
 
     @classmethod
     def best_of(cls, reports: list[BenchReport], offline: list[float]) -> BenchReport:
@@ -173,9 +171,11 @@ class BenchReport:
         workload: ServeWorkload,
         pattern: LoadPattern,
         target: str,
+        api: Api = "grpc",
     ) -> BenchReport:
         ok = [r for r in records if r.error is None]
         output_tokens = sum(r.output_tokens for r in ok)
+        cached = [r.cached_prompt_tokens for r in ok]
         return cls(
             workload=asdict(workload),
             pattern={k: (None if v == math.inf else v) for k, v in asdict(pattern).items()},
@@ -185,7 +185,9 @@ class BenchReport:
             failed=len(records) - len(ok),
             total_input_tokens=sum(r.prompt_tokens for r in ok),
             total_output_tokens=output_tokens,
-            total_cached_prompt_tokens=sum(r.cached_prompt_tokens for r in ok),
+            total_cached_prompt_tokens=(
+                None if None in cached else sum(c for c in cached if c is not None)
+            ),
             request_throughput=len(ok) / duration_s,
             output_throughput=output_tokens / duration_s,
             ttft_ms=summarize([r.ttft for r in ok if r.ttft is not None]),
@@ -193,9 +195,12 @@ class BenchReport:
             itl_ms=summarize([x for r in ok for x in r.itls]),
             e2e_ms=summarize([r.latency for r in ok if r.latency is not None]),
             errors=sorted({r.error for r in records if r.error is not None}),
+            api=api,
         )
 
-    def print(self, out: TextIO = sys.stdout) -> None:
+    def print(self, out: TextIO | None = None) -> None:
+        """To ``out``, by default the ``sys.stdout`` of the moment (not of import time)."""
+        out = out or sys.stdout
         w = self.workload
         rate = self.pattern["request_rate"]
         print(
@@ -203,7 +208,8 @@ class BenchReport:
             f"{w['output_len']} output tokens (range ratio {w['range_ratio']}), "
             f"ignore_eos={w['ignore_eos']}, greedy; rate {'inf' if rate is None else rate} req/s, "
             f"burstiness {self.pattern['burstiness']}, "
-            f"max concurrency {self.pattern['max_concurrency'] or 'none'}; server {self.target}",
+            f"max concurrency {self.pattern['max_concurrency'] or 'none'}; server {self.target} "
+            f"({self.api} API)",
             file=out,
         )
         print(f"{'completed / failed':<28}{self.completed} / {self.failed}", file=out)
@@ -211,8 +217,9 @@ class BenchReport:
         print(f"{'request throughput (req/s)':<28}{self.request_throughput:.2f}", file=out)
         print(f"{'output tokens/s':<28}{self.output_throughput:.1f}", file=out)
         cached = self.total_cached_prompt_tokens
-        share = cached / self.total_input_tokens if self.total_input_tokens else 0.0
-        print(f"{'prefix-cached prompt tokens':<28}{cached} ({share:.0%})", file=out)
+        share = cached / self.total_input_tokens if cached and self.total_input_tokens else 0.0
+        shown = "not reported by this API" if cached is None else f"{cached} ({share:.0%})"
+        print(f"{'prefix-cached prompt tokens':<28}{shown}", file=out)
         if share > PREFIX_CACHE_NOTE_SHARE:
             print(
                 "note: most prompt tokens came from the server's prefix cache (an earlier run "
@@ -275,6 +282,22 @@ async def _one_request(
     return record
 
 
+@asynccontextmanager
+async def _sender(
+    api: Api, target: str, client: AsyncGenerationClient, model: str,
+    connection: Mapping[str, Any],
+) -> AsyncIterator[SendRequest]:
+    """How one request goes out: on ``client``'s channel, or over HTTP to ``target``."""
+    if api == "grpc":
+        yield partial(_one_request, client)
+        return
+    from pagedserve.clients.openai_load import CompletionsTarget, OpenAICompletions
+
+    security = ChannelSecurity(**connection)
+    async with OpenAICompletions(CompletionsTarget(target, model, security)) as completions:
+        yield completions.request
+
+
 async def run_load(
     target: str,
     workload: ServeWorkload,
@@ -282,43 +305,72 @@ async def run_load(
     *,
     progress: bool = True,
     connection: Mapping[str, Any] | None = None,
+    api: Api = "grpc",
+    model_info_target: str | None = None,
 ) -> BenchReport:
-    """Send the workload to ``target`` and measure every request; ``connection``: the
-    client's TLS and API key arguments (``AsyncGenerationClient(target, **connection)``)."""
-    from tqdm.auto import tqdm
+    """Send the workload to ``target`` through ``api`` and measure every request.
 
-    async with AsyncGenerationClient(target, **(connection or {})) as client:
+    ``connection``: the client's TLS and API key arguments (``AsyncGenerationClient(target,
+    **connection)``), the same for HTTP. ``model_info_target``: the gRPC address asked for the
+    model's vocabulary and name; ``target`` itself for gRPC, required for the OpenAI API (its
+    ``target`` is the HTTP API's ``host:port``)."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
+    if api == "openai" and model_info_target is None:
+        raise ValueError("the OpenAI API needs the server's gRPC address for the model's "
+                         "vocabulary (--grpc-server)")
+    connection = connection or {}
+    info_target = model_info_target or target
+    async with AsyncGenerationClient(info_target, **connection) as client:
         await client.wait_until_serving()
         info = await client.model_info()
         special = set(info.special_token_ids)
         prompts = workload.prompts(info.vocab_size, special)
-        # Warm up on other prompts, as the offline benchmark does (no prefix-cache help).
-        warmup = ServeWorkload(num_requests=2, input_len=16, output_len=4, seed=workload.seed + 1)
-        await asyncio.gather(
-            *(_one_request(client, p, 4, True) for p in warmup.prompts(info.vocab_size, special))
-        )
+        async with _sender(api, target, client, info.model_name, connection) as one_request:
+            # Warm up on other prompts, as the offline benchmark does (no prefix-cache help).
+            warmup = ServeWorkload(
+                num_requests=2, input_len=16, output_len=4, seed=workload.seed + 1
+            )
+            await asyncio.gather(
+                *(one_request(p, 4, True) for p in warmup.prompts(info.vocab_size, special))
+            )
+            records, duration = await _timed_load(
+                one_request, prompts, workload, pattern, progress
+            )
+    return BenchReport.from_records(records, duration, workload, pattern, target, api)
 
-        limit = asyncio.Semaphore(pattern.max_concurrency or len(prompts) or 1)
-        bar = tqdm(total=len(prompts), desc="bench serve", unit="req", disable=not progress)
 
-        async def send(prompt: list[int], max_tokens: int) -> RequestRecord:
-            async with limit:
-                record = await _one_request(client, prompt, max_tokens, workload.ignore_eos)
-            bar.update(1)
-            return record
+async def _timed_load(
+    one_request: SendRequest,
+    prompts: list[list[int]],
+    workload: ServeWorkload,
+    pattern: LoadPattern,
+    progress: bool,
+) -> tuple[list[RequestRecord], float]:
+    """Every request sent on the pattern's schedule; their records and the wall time."""
+    from tqdm.auto import tqdm
 
-        tasks: list[asyncio.Task[RequestRecord]] = []
-        start = time.perf_counter()
-        for gap, prompt, max_tokens in zip(
-            pattern.gaps(len(prompts), workload.seed), prompts, workload.output_lens()
-        ):
-            if gap:
-                await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(send(prompt, max_tokens)))
-        records = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        bar.close()
-    return BenchReport.from_records(list(records), duration, workload, pattern, target)
+    limit = asyncio.Semaphore(pattern.max_concurrency or len(prompts) or 1)
+    bar = tqdm(total=len(prompts), desc="bench serve", unit="req", disable=not progress)
+
+    async def send(prompt: list[int], max_tokens: int) -> RequestRecord:
+        async with limit:
+            record = await one_request(prompt, max_tokens, workload.ignore_eos)
+        bar.update(1)
+        return record
+
+    tasks: list[asyncio.Task[RequestRecord]] = []
+    start = time.perf_counter()
+    for gap, prompt, max_tokens in zip(
+        pattern.gaps(len(prompts), workload.seed), prompts, workload.output_lens()
+    ):
+        if gap:
+            await asyncio.sleep(gap)
+        tasks.append(asyncio.create_task(send(prompt, max_tokens)))
+    records = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    bar.close()
+    return list(records), duration
 
 
 def offline_output_throughput(llm: Any, workload: ServeWorkload) -> float:
@@ -346,15 +398,21 @@ def _in_process_report(
     llm = LLM.from_config(engine_config.sharing_device(0, engines)) if args.compare_offline else None
     reports: list[BenchReport] = []
     offline: list[float] = []
+    openai = args.api == "openai"
     config = ServerConfig(
-        host="127.0.0.1", port=0, http_port=None, telemetry=TelemetryConfig(metrics_port=0)
+        host="127.0.0.1", port=0, http_port=0 if openai else None,
+        telemetry=TelemetryConfig(metrics_port=0),
     )
     with BackgroundServer(config, engine_config.sharing_device(engines - 1, engines)) as server:
         server.wait_ready()
+        target = server.http_address if openai else server.address
         for round_index in range(args.repeat):
             # Fresh prompts each round: no prefix-cache help from the round before.
             prompts = replace(workload, seed=workload.seed + round_index)
-            run = run_load(server.address, prompts, pattern, progress=args.progress)
+            run = run_load(
+                target, prompts, pattern, progress=args.progress, api=args.api,
+                model_info_target=server.address,
+            )
             reports.append(asyncio.run(run))
             if llm is not None:
                 offline.append(offline_output_throughput(llm, prompts))
@@ -371,6 +429,10 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     pattern = LoadPattern(args.request_rate, args.burstiness, args.max_concurrency)
+    refusal = _api_flags_refusal(args)
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     if args.compare_tracing and not args.server:
         from pagedserve.backend.telemetry.tracing_bench import run_tracing_comparison
 
@@ -384,7 +446,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         try:
             connection = connection_from_args(args)
             run = run_load(
-                args.server, workload, pattern, progress=args.progress, connection=connection
+                args.server, workload, pattern, progress=args.progress, connection=connection,
+                api=args.api, model_info_target=args.grpc_server,
             )
             report = asyncio.run(run)
         except ValueError as error:
@@ -402,17 +465,45 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def _api_flags_refusal(args: argparse.Namespace) -> str | None:
+    """Why ``--api`` and the flags that go with it do not fit together, if they do not."""
+    if args.api == "grpc":
+        if args.grpc_server is not None:
+            return "--grpc-server is for --api openai (with --api grpc, --server is gRPC)"
+        return None
+    if args.compare_tracing:
+        return "--compare-tracing measures the gRPC API only"
+    if args.server and args.grpc_server is None:
+        return ("--api openai --server HOST:PORT (the HTTP API) needs --grpc-server HOST:PORT "
+                "too: the model's vocabulary comes from its gRPC ModelInfo")
+    if not args.server and args.grpc_server is not None:
+        return "--grpc-server goes with --server (the in-process server knows its own)"
+    return None
+
+
 def register_bench_serve(bench_sub: Any) -> None:
     """``pagedserve bench serve``, added under the ``bench`` command."""
     from pagedserve.backend.cli import add_engine_args
 
     p = bench_sub.add_parser(
         "serve",
-        help="load a gRPC server with streaming requests; throughput and latency percentiles",
+        help="load a server with streaming requests (gRPC or the OpenAI HTTP API); "
+        "throughput and latency percentiles",
+    )
+    p.add_argument(
+        "--api", choices=APIS, default="grpc",
+        help="grpc: native Generate streams; openai: streamed /v1/completions over HTTP "
+        "(token-id prompts, usage for the exact token count)",
     )
     p.add_argument(
         "--server", default=None, metavar="HOST:PORT",
-        help="target a running server (default: start one in this process with the engine flags)",
+        help="target a running server, its gRPC port or with --api openai its HTTP port "
+        "(default: start one in this process with the engine flags)",
+    )
+    p.add_argument(
+        "--grpc-server", default=None, metavar="HOST:PORT",
+        help="with --api openai --server: the same server's gRPC port, asked for the model's "
+        "vocabulary and name (OpenAI's API does not tell them)",
     )
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)

@@ -120,6 +120,39 @@ def test_bench_serve_with_the_connection_flags(
     assert "UNAUTHENTICATED" in refused.stderr
 
 
+def test_bench_serve_api_openai_with_the_connection_flags(
+    mtls_key_server: BackgroundServer, pki: Pki, tmp_path: Path
+) -> None:
+    """HTTPS with a client certificate, the renamed server's name and the key, as on gRPC."""
+    report = tmp_path / "report.json"
+    command = [
+        "bench", "serve", "--api", "openai", "--server", mtls_key_server.http_address,
+        "--grpc-server", mtls_key_server.address, *tls_flags(pki), "--num-requests", "4",
+        "--input-len", "8", "--output-len", "4", "--no-progress", "--json", str(report),
+    ]
+    bench = run_cli(*command, key=KEY)
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(report.read_text())
+    assert result["completed"] == 4 and result["total_output_tokens"] == 16
+
+
+async def test_a_wrong_key_over_http_is_a_failed_request(
+    mtls_key_server: BackgroundServer, pki: Pki
+) -> None:
+    from pagedserve.clients.openai_load import CompletionsTarget, OpenAICompletions
+
+    security = ChannelSecurity(
+        ssl_ca_certs=pki.ca, ssl_certfile=pki.client.cert, ssl_keyfile=pki.client.key,
+        ssl_server_name=RENAMED_SERVER, api_key="wrong",
+    )
+    model = mtls_key_server.state.served_model_name
+    target = CompletionsTarget(mtls_key_server.http_address, model, security)
+    async with OpenAICompletions(target) as completions:
+        record = await completions.request([5, 6, 7], 2, True)
+    assert record.error is not None
+    assert record.error.startswith("HTTP 401: authentication_error:"), record.error
+
+
 def test_channel_security_refuses_what_cannot_work(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ssl_certfile and ssl_keyfile"):
         ChannelSecurity(ssl_keyfile=pki.client.key)
