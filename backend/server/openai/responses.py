@@ -13,11 +13,13 @@ are that text's UTF-8), as vLLM reports it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, TokenLogprob
+from pagedserve.backend.server.openai import sse
 from pagedserve.backend.server.openai.errors import ApiError
 
 _FINISH_REASONS: Mapping[FinishReason, str] = {
@@ -87,6 +89,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+# Marks of a streamed chunk's template: an index no request has, a text no token decodes to.
+_INDEX_MARK = 987_654_321_123
+_TEXT_MARK = "\x00pagedserve text\x00"
+
+
 class Renderer:
     """What both endpoints' objects share: the id, creation time and model of the response."""
 
@@ -98,6 +105,7 @@ class Renderer:
         self.model = model
         self.created = created
         self.texts = texts
+        self._templates: dict[bool, tuple[bytes, bytes, bytes] | None] = {}
 
     def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -131,6 +139,40 @@ class Renderer:
         """Choice objects streamed before any token (chat's role, an echoed prompt)."""
         return []
 
+    @property
+    def asks_logprobs(self) -> bool:
+        raise NotImplementedError
+
+    def stream_chunk(self, index: int, delta: RequestOutputDelta, with_usage: bool) -> bytes:
+        """The SSE event of a streamed ``delta``. Almost every one carries text only (no
+        logprobs, not the last): that one is spliced into the bytes of the same chunk built
+        once with marks for its index and text, so it costs a ``json.dumps`` of its text
+        instead of the whole chunk's (3-5 µs a chunk instead of 16 on the development machine)."""
+        if not (delta.finished or delta.logprobs or self.asks_logprobs):
+            template = self._templates.get(with_usage)
+            if template is None:
+                template = self._templates[with_usage] = self._template(with_usage)
+            if template:
+                head, middle, tail = template
+                text = json.dumps(delta.text, ensure_ascii=False).encode()
+                return b"".join((head, str(index).encode(), middle, text, tail))
+        return sse.encode(self.chunk([self.choice(index, delta, whole=False)], with_usage))
+
+    def _template(self, with_usage: bool) -> tuple[bytes, bytes, bytes] | None:
+        """A plain chunk's bytes around its index and its text (None where the marks are not
+        found exactly once: then every chunk is encoded whole)."""
+        probe = RequestOutputDelta("", _TEXT_MARK, [])
+        encoded = sse.encode(self.chunk([self.choice(_INDEX_MARK, probe, whole=False)], with_usage))
+        index_mark = str(_INDEX_MARK).encode()
+        text_mark = json.dumps(_TEXT_MARK, ensure_ascii=False).encode()
+        if encoded.count(index_mark) != 1 or encoded.count(text_mark) != 1:
+            return None
+        head, rest = encoded.split(index_mark)
+        middle, tail = rest.split(text_mark)
+        if not middle:  # the text came before the index: not a layout this splices
+            return None
+        return head, middle, tail
+
     def choice(self, index: int, delta: RequestOutputDelta, whole: bool) -> dict[str, Any]:
         """The choice object of ``delta``; ``whole``: the choice's joined deltas, unstreamed."""
         raise NotImplementedError
@@ -156,6 +198,10 @@ class CompletionRenderer(Renderer):
         self._echoed = echoed
         # Each choice's text length so far: where its next token's text starts.
         self._offsets: dict[int, int] = {}
+
+    @property
+    def asks_logprobs(self) -> bool:
+        return self._logprobs is not None
 
     def _start(self, index: int) -> int:
         if index not in self._offsets:
@@ -223,6 +269,10 @@ class ChatRenderer(Renderer):
         super().__init__(response_id, model, created, texts)
         self._logprobs = logprobs
         self._num_choices = num_choices
+
+    @property
+    def asks_logprobs(self) -> bool:
+        return self._logprobs
 
     def opening(self) -> list[dict[str, Any]]:
         """The assistant's role first, for every choice (as OpenAI streams it)."""

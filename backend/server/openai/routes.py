@@ -224,8 +224,7 @@ class OpenAIRoutes:
                 if not (delta.text or delta.token_ids or delta.finished):
                     continue
                 completion_tokens += _completion_tokens(delta) if delta.finished else 0
-                choice = renderer.choice(item.index, delta, whole=False)
-                await sse.send(response, renderer.chunk([choice], with_usage))
+                await response.write(renderer.stream_chunk(item.index, delta, with_usage))
             if with_usage:
                 await sse.send(
                     response, renderer.usage_chunk(_prompt_tokens(job), completion_tokens)
