@@ -3,6 +3,16 @@
 Sequence ``i`` owns queries ``query_start_loc[i]:query_start_loc[i+1]`` of the batch; they are
 the last ``query_len`` positions of a context of ``seq_len`` tokens, so query ``j`` attends keys
 ``0 .. seq_len - query_len + j`` (causal within the chunk, full over the cached prefix).
+
+Two per-layer options, one value for every sequence of the call (a layer's own property, so a
+CUDA graph bakes them into its kernels):
+
+- ``sliding_window`` W: the query at position p sees only keys in (p - W, p], W keys counting
+  itself, as transformers' sliding-window mask (``kv_idx > q_idx - W``) for Mistral, Gemma 2 and
+  Gemma 3. Keys before the window are never read: whole KV blocks (Triton: key tiles) before
+  its start are skipped, the boundary one is masked.
+- ``softcap`` c: scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before the mask and the
+  softmax (Gemma 2's attention-logit soft-capping).
 """
 
 from __future__ import annotations
@@ -14,6 +24,53 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.kernels.triton_utils import cdiv, next_power_of_2, tl, triton, use_triton
+
+
+def check_layer_options(sliding_window: int | None, softcap: float | None) -> None:
+    """ValueError on a window or cap that has no meaning (a zero window would hide every key)."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+
+
+def visible_keys(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """[queries, keys] bool: causal, and within the window when there is one."""
+    seen = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        seen &= key_positions[None, :] > query_positions[:, None] - sliding_window
+    return seen
+
+
+def _attend(
+    q: torch.Tensor,  # [..., heads, n, d]
+    k: torch.Tensor,  # [..., kv_heads, L, d]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # bool, broadcast to [..., heads, n, L]; None: all visible
+    scale: float,
+    softcap: float | None,
+    gqa: bool = False,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA, or without it when the scores are soft-capped (SDPA has no hook between the
+    scores and the softmax): fp32 scores, capped, masked, softmax, then the V mix."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
+    if gqa:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if is_causal:
+        n, length = scores.shape[-2:]
+        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
 def gather_kv(
@@ -35,73 +92,31 @@ def paged_attention_ref(
     query_lens: list[int],
     seq_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference paged attention; returns [num_tokens, num_heads, head_dim] in q's dtype.
 
-    Single-token (decode) sequences are batched into one padded attention call; prefill chunks
-    run one sequence at a time, since each has enough rows to amortise the call.
+    One sequence at a time over its whole gathered context, with the mask written out: the
+    oracle of the CPU path and the Triton kernels, kept plain rather than fast.
     """
+    check_layer_options(sliding_window, softcap)
     out = torch.empty_like(q)
-    num_heads = q.shape[1]
-    num_kv_heads = kv_cache.shape[3]
-    gqa = num_heads != num_kv_heads
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-
-    decode_idx = [i for i, n in enumerate(query_lens) if n == 1]
-    if decode_idx:
-        _decode_batch(q, kv_cache, block_tables, starts, seq_lens, decode_idx, scale, gqa, out)
-
-    for i, n in enumerate(query_lens):
-        if n == 1 or n == 0:
+    gqa = q.shape[1] != kv_cache.shape[3]
+    start = 0
+    for i, (n, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        if n == 0:
             continue
-        k, v = gather_kv(kv_cache, block_tables[i], seq_lens[i])
-        qi = q[starts[i] : starts[i] + n].transpose(0, 1)  # [H, n, D]
+        k, v = gather_kv(kv_cache, block_tables[i], seq_len)
+        qi = q[start : start + n].transpose(0, 1)  # [H, n, D]
         ki = k.transpose(0, 1).to(q.dtype)
         vi = v.transpose(0, 1).to(q.dtype)
-        ctx = seq_lens[i] - n
-        if ctx == 0:
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            rows = torch.arange(n, device=q.device)[:, None] + ctx
-            mask = torch.arange(seq_lens[i], device=q.device)[None, :] <= rows
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[starts[i] : starts[i] + n] = o.transpose(0, 1)
+        query_positions = torch.arange(seq_len - n, seq_len, device=q.device)
+        mask = visible_keys(query_positions, torch.arange(seq_len, device=q.device), sliding_window)
+        o = _attend(qi, ki, vi, mask, scale, softcap, gqa)
+        out[start : start + n] = o.transpose(0, 1)
+        start += n
     return out
-
-
-def _decode_batch(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    starts: list[int],
-    seq_lens: list[int],
-    decode_idx: list[int],
-    scale: float,
-    gqa: bool,
-    out: torch.Tensor,
-) -> None:
-    block_size = kv_cache.shape[2]
-    device = q.device
-    lens = torch.tensor([seq_lens[i] for i in decode_idx], device=device)
-    max_len = int(max(seq_lens[i] for i in decode_idx))
-    max_blocks = (max_len + block_size - 1) // block_size
-    rows = torch.tensor(decode_idx, device=device)
-    tables = block_tables[rows, :max_blocks].flatten().long()  # [B * max_blocks]
-    # index_select on whole blocks: one contiguous copy per block, far cheaper than advanced
-    # indexing with a 2-D index on the CPU.
-    shape = (len(decode_idx), max_blocks * block_size, *kv_cache.shape[3:])
-    k = kv_cache[0].index_select(0, tables).view(shape)[:, :max_len]  # [B, L, Hkv, D]
-    v = kv_cache[1].index_select(0, tables).view(shape)[:, :max_len]
-    token_rows = torch.tensor([starts[i] for i in decode_idx], device=device)
-    qd = q[token_rows].unsqueeze(2)  # [B, H, 1, D]
-    mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(
-        qd, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask, scale=scale, enable_gqa=gqa,
-    )
-    out[token_rows] = o.squeeze(2)
 
 
 # Key positions (summed over sequences) one batched prefill attention call gathers at most.
@@ -115,6 +130,8 @@ def paged_attention_cpu(
     query_lens: list[int],
     seq_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The torch path the CPU serves with: ``paged_attention_ref``'s result, fewer and larger calls.
 
@@ -122,8 +139,11 @@ def paged_attention_cpu(
     group on a single gather of its cache blocks; no mask is built when the group's queries all
     see the same keys. Decode groups keep one KV head's query heads as the rows of one attention
     (no expanded K/V copy); prefill groups repeat K/V per query head, which keeps SDPA on its
-    flash kernel (grouped-query SDPA on CPU falls back to the unfused math path).
+    flash kernel (grouped-query SDPA on CPU falls back to the unfused math path). With a
+    sliding window, a group gathers only the blocks from the one holding its earliest visible
+    key on.
     """
+    check_layer_options(sliding_window, softcap)
     if not query_lens:
         return torch.empty_like(q)
     num_heads = q.shape[1]
@@ -136,9 +156,10 @@ def paged_attention_cpu(
             key = (1, 0) if n == 1 else (n, seq_len)  # decode contexts may differ: masked
             groups.setdefault(key, []).append(i)
     decodes = groups.pop((1, 0), [])
+    layer = _LayerOptions(scale, sliding_window, softcap)
     if len(decodes) == len(query_lens) and q.shape[0] == len(decodes):
         # A pure decode batch with no padding: one group whose output is the whole result.
-        return _decode_group(q, kv_cache, block_tables, seq_lens, decodes, scale).reshape(q.shape)
+        return _decode_group(q, kv_cache, block_tables, seq_lens, decodes, layer).reshape(q.shape)
     # Prefill groups gather K/V repeated per query head: bound the keys one call holds.
     batches = [(1, decodes)] if decodes else []
     for (n, seq_len), seqs in groups.items():
@@ -149,15 +170,28 @@ def paged_attention_cpu(
         rows = _group_rows(seqs, starts, n, q.device)
         q_group = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
         if n == 1:
-            o = _decode_group(q_group, kv_cache, block_tables, seq_lens, seqs, scale)
+            o = _decode_group(q_group, kv_cache, block_tables, seq_lens, seqs, layer)
             o = o.reshape(len(seqs), num_heads, -1)
         else:
-            o = _prefill_group(q_group, kv_cache, block_tables, seq_lens[seqs[0]], seqs, n, scale)
+            o = _prefill_group(q_group, kv_cache, block_tables, seq_lens[seqs[0]], seqs, n, layer)
         if isinstance(rows, slice):
             out[rows] = o
         else:
             out.index_copy_(0, rows, o)
     return out
+
+
+@dataclass(frozen=True)
+class _LayerOptions:
+    scale: float
+    sliding_window: int | None
+    softcap: float | None
+
+    def first_visible(self, query_position: int) -> int:
+        """The earliest key position ``query_position`` sees."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, query_position - self.sliding_window + 1)
 
 
 def _group_rows(
@@ -171,19 +205,25 @@ def _group_rows(
 
 
 def _gather_blocks(
-    kv_cache: torch.Tensor, block_tables: torch.Tensor, seqs: list[int], length: int
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seqs: list[int],
+    length: int,
+    first_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the first ``length`` positions of each sequence, each [seqs, length, kv_heads, d].
+    """K and V of positions ``first_block * block_size`` up to ``length`` of each sequence,
+    each [seqs, positions, kv_heads, d].
 
     index_select of whole blocks along the leading dimension: one contiguous copy per block.
     """
     block_size = kv_cache.shape[2]
     num_blocks = (length + block_size - 1) // block_size
     rows = block_tables[seqs[0] : seqs[0] + 1] if len(seqs) == 1 else block_tables[seqs]
-    tables = rows[:, :num_blocks].flatten().long()
-    shape = (len(seqs), num_blocks * block_size, *kv_cache.shape[3:])
-    k = kv_cache[0].index_select(0, tables).view(shape)[:, :length]
-    v = kv_cache[1].index_select(0, tables).view(shape)[:, :length]
+    tables = rows[:, first_block:num_blocks].flatten().long()
+    shape = (len(seqs), (num_blocks - first_block) * block_size, *kv_cache.shape[3:])
+    keep = length - first_block * block_size
+    k = kv_cache[0].index_select(0, tables).view(shape)[:, :keep]
+    v = kv_cache[1].index_select(0, tables).view(shape)[:, :keep]
     return k, v
 
 
@@ -193,20 +233,24 @@ def _decode_group(
     block_tables: torch.Tensor,
     seq_lens: list[int],
     seqs: list[int],
-    scale: float,
+    layer: _LayerOptions,
 ) -> torch.Tensor:
     """[seqs, kv_heads, group, head_dim]: each KV head's query heads attend as its rows."""
     num_kv_heads, head_dim = kv_cache.shape[3:]
+    block_size = kv_cache.shape[2]
     lens = [seq_lens[i] for i in seqs]
     max_len = max(lens)
-    k, v = _gather_blocks(kv_cache, block_tables, seqs, max_len)
+    first_block = min(layer.first_visible(n - 1) for n in lens) // block_size
+    k, v = _gather_blocks(kv_cache, block_tables, seqs, max_len, first_block)
     k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [seqs, kv_heads, len, d]
     qg = q.reshape(len(seqs), num_kv_heads, -1, head_dim)
     mask = None
-    if min(lens) != max_len:
-        lens_t = torch.tensor(lens, device=q.device)
-        mask = (torch.arange(max_len, device=q.device) < lens_t[:, None])[:, None, None, :]
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    offset = first_block * block_size
+    if min(lens) != max_len or layer.first_visible(max_len - 1) > offset:
+        key_positions = torch.arange(offset, max_len, device=q.device)
+        query_positions = torch.tensor(lens, device=q.device) - 1
+        mask = visible_keys(query_positions, key_positions, layer.sliding_window)[:, None, None, :]
+    return _attend(qg, k, v, mask, layer.scale, layer.softcap)
 
 
 def _prefill_group(
@@ -216,26 +260,32 @@ def _prefill_group(
     seq_len: int,
     seqs: list[int],
     n: int,
-    scale: float,
+    layer: _LayerOptions,
 ) -> torch.Tensor:
     """[seqs * n, num_heads, head_dim] for sequences sharing query and context lengths."""
     num_seqs = len(seqs)
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = kv_cache.shape[3]
-    k, v = _gather_blocks(kv_cache, block_tables, seqs, seq_len)
+    block_size = kv_cache.shape[2]
+    ctx = seq_len - n
+    first_block = layer.first_visible(ctx) // block_size
+    k, v = _gather_blocks(kv_cache, block_tables, seqs, seq_len, first_block)
+    length = k.shape[1]
     if num_kv_heads != num_heads:
-        shape = (num_seqs, seq_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        k = k.unsqueeze(3).expand(shape).reshape(num_seqs, seq_len, num_heads, head_dim)
-        v = v.unsqueeze(3).expand(shape).reshape(num_seqs, seq_len, num_heads, head_dim)
+        shape = (num_seqs, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        k = k.unsqueeze(3).expand(shape).reshape(num_seqs, length, num_heads, head_dim)
+        v = v.unsqueeze(3).expand(shape).reshape(num_seqs, length, num_heads, head_dim)
     k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [seqs, heads, len, d]
     qs = q.reshape(num_seqs, n, num_heads, head_dim).transpose(1, 2)
-    ctx = seq_len - n
-    if ctx == 0:
-        o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
+    causal_only = layer.first_visible(seq_len - 1) == 0
+    if ctx == 0 and causal_only:
+        o = _attend(qs, k, v, None, layer.scale, layer.softcap, is_causal=True)
     else:
-        rows = torch.arange(n, device=q.device)[:, None] + ctx
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+        offset = first_block * block_size
+        query_positions = torch.arange(ctx, seq_len, device=q.device)
+        key_positions = torch.arange(offset, seq_len, device=q.device)
+        mask = visible_keys(query_positions, key_positions, layer.sliding_window)
+        o = _attend(qs, k, v, mask, layer.scale, layer.softcap)
     return o.transpose(1, 2).reshape(num_seqs * n, num_heads, head_dim)
 
 
@@ -304,20 +354,26 @@ def _attend_key_range(
     kv_start,
     kv_end,
     causal_limit,
+    window_start,
     qk_scale,
+    softcap_log2e,
     dim_offsets,
     dim_mask,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     LANE_SUMS: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Online softmax (base 2, fp32) of q's rows over keys [kv_start, kv_end).
 
     With MASKED a key is seen by a row when it is below kv_end and its position is <= that
-    row's causal_limit; without, the caller guarantees whole tiles every row may see, and the
-    tile loop skips the masking work. With LANE_SUMS the denominator ``l_i`` is kept as
-    ``_lane_partial_sums`` partials, [rows, 4], else as one sum per row.
+    row's causal_limit (and, WINDOWED, >= its window_start); without, the caller guarantees
+    whole tiles every row may see, and the tile loop skips the masking work. With LANE_SUMS the
+    denominator ``l_i`` is kept as ``_lane_partial_sums`` partials, [rows, 4], else as one sum
+    per row. SOFTCAP: ``qk_scale`` is scale / cap and the scores become
+    ``tanh(qk_scale * q.k) * softcap_log2e`` (cap * log2(e)), i.e. cap * tanh(s / cap) in base 2.
     """
     key_offsets = tl.arange(0, BLOCK_N)
     for tile_start in range(kv_start, kv_end, BLOCK_N):
@@ -332,8 +388,12 @@ def _attend_key_range(
         kv_mask = in_range[None, :] & dim_mask[:, None]
         k_t = tl.load(k_cache_ptr + slot[None, :] + dim_offsets[:, None], mask=kv_mask, other=0.0)
         scores = tl.dot(q, k_t.to(q.dtype), input_precision="ieee") * qk_scale
+        if SOFTCAP:
+            scores = _tanh(scores) * softcap_log2e
         if MASKED:
             seen = (pos[None, :] <= causal_limit[:, None]) & in_range[None, :]
+            if WINDOWED:
+                seen = seen & (pos[None, :] >= window_start[:, None])
             scores = tl.where(seen, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             # Rows that have seen no key keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
@@ -357,6 +417,13 @@ def _attend_key_range(
         acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp2, exact at both tails (exp2 overflowing to inf gives 1, not NaN); the
+    interpreter has no libdevice, so the GPU and the CPU tests run this same formula."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 @triton.jit
@@ -412,6 +479,7 @@ def _varlen_paged_attention_kernel(
     seq_lens_ptr,
     num_seqs,
     qk_scale,
+    softcap_log2e,
     head_dim,
     q_token_stride,
     q_head_stride,
@@ -428,9 +496,12 @@ def _varlen_paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     LANE_SUMS: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x the GROUP query heads of one KV head,
-    so every K/V tile is loaded once for the whole group. LANE_SUMS: see ``_lane_partial_sums``."""
+    so every K/V tile is loaded once for the whole group. LANE_SUMS: see ``_lane_partial_sums``.
+    SLIDING_WINDOW: 0 for full attention, else the window W (one compiled kernel per value)."""
     q_block_id = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_sequence(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q)
@@ -457,8 +528,20 @@ def _varlen_paged_attention_kernel(
     )
     causal_limit = tl.where(row_valid, context_len + q_pos, -1)
     kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
+    first_pos = context_len + q_block * BLOCK_Q
     # Whole key tiles below the block's first query position are visible to every row.
-    unmasked_end = (context_len + q_block * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    if SLIDING_WINDOW > 0:
+        window_start = causal_limit - SLIDING_WINDOW + 1
+        # Tiles before the first row's window are skipped; from the tile holding its start to
+        # the first tile wholly inside the last row's window, keys are masked per row.
+        kv_start = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        full_start = tl.cdiv(tl.maximum(kv_end - SLIDING_WINDOW, 0), BLOCK_N) * BLOCK_N
+        unmasked_start = tl.minimum(full_start, unmasked_end)
+    else:
+        window_start = causal_limit
+        kv_start = 0
+        unmasked_start = 0
 
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -468,15 +551,24 @@ def _varlen_paged_attention_kernel(
         l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     head_offset = kv_head.to(tl.int64) * cache_head_stride
+    if SLIDING_WINDOW > 0:
+        acc, m_i, l_i = _attend_key_range(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
+            cache_block_stride, cache_slot_stride, kv_start, unmasked_start, causal_limit,
+            window_start, qk_scale, softcap_log2e, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+            LANE_SUMS, True, SOFTCAP,
+        )
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
-        cache_block_stride, cache_slot_stride, 0, unmasked_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, LANE_SUMS,
+        cache_block_stride, cache_slot_stride, unmasked_start, unmasked_end, causal_limit,
+        window_start, qk_scale, softcap_log2e, dims, dim_mask, BLOCK_SIZE, BLOCK_N, False,
+        LANE_SUMS, False, SOFTCAP,
     )
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
-        cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, LANE_SUMS,
+        cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit,
+        window_start, qk_scale, softcap_log2e, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+        LANE_SUMS, SLIDING_WINDOW > 0, SOFTCAP,
     )
     if LANE_SUMS:
         l_i = _join_lane_sums(l_i)
@@ -504,6 +596,7 @@ def _decode_paged_attention_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     qk_scale,
+    softcap_log2e,
     head_dim,
     q_token_stride,
     q_head_stride,
@@ -520,11 +613,14 @@ def _decode_paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One program: the single query token of one sequence x one KV head's query heads, over
     partition ``program_id(2)`` of the context. With one partition it writes the output;
     otherwise it writes unnormalised partials (acc, running max, running sum) for the merge.
-    Sequences with no query token (batch padding) are skipped."""
+    Sequences with no query token (batch padding) are skipped. With a SLIDING_WINDOW the
+    partitions cover the window only, from the key tile holding its first key."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -532,10 +628,16 @@ def _decode_paged_attention_kernel(
     if tl.load(query_start_loc_ptr + seq + 1) - q_start != 1:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
+    if SLIDING_WINDOW > 0:
+        first_key = tl.maximum(seq_len - SLIDING_WINDOW, 0)
+        keys_base = first_key // BLOCK_N * BLOCK_N
+    else:
+        first_key = 0
+        keys_base = 0
     # Partitions are sized from this sequence's own length, so every one has work when the
     # context is long enough, whatever the batch's longest context.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    kv_start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(seq_len - keys_base, num_splits), BLOCK_N) * BLOCK_N
+    kv_start = keys_base + split * split_len
     kv_end = tl.minimum(seq_len, kv_start + split_len)
 
     rows = tl.arange(0, BLOCK_M)
@@ -551,22 +653,36 @@ def _decode_paged_attention_kernel(
         other=0.0,
     )
     causal_limit = tl.where(row_valid, seq_len - 1, -1)
+    window_start = causal_limit * 0 + first_key
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     head_offset = kv_head.to(tl.int64) * cache_head_stride
-    # Whole tiles need no mask; only the partition's ragged last tile does.
-    unmasked_end = kv_start + tl.maximum(kv_end - kv_start, 0) // BLOCK_N * BLOCK_N
+    # Whole tiles need no mask; only the partition's ragged last tile does, and (windowed) the
+    # tile holding the window's first key.
+    unmasked_start = kv_start
+    if SLIDING_WINDOW > 0:
+        boundary_end = tl.cdiv(first_key, BLOCK_N) * BLOCK_N
+        unmasked_start = tl.maximum(kv_start, tl.minimum(boundary_end, kv_end))
+        acc, m_i, l_i = _attend_key_range(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
+            cache_block_stride, cache_slot_stride, kv_start, unmasked_start, causal_limit,
+            window_start, qk_scale, softcap_log2e, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+            False, True, SOFTCAP,
+        )
+    unmasked_end = unmasked_start + tl.maximum(kv_end - unmasked_start, 0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
-        cache_block_stride, cache_slot_stride, kv_start, unmasked_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, False,
+        cache_block_stride, cache_slot_stride, unmasked_start, unmasked_end, causal_limit,
+        window_start, qk_scale, softcap_log2e, dims, dim_mask, BLOCK_SIZE, BLOCK_N, False,
+        False, False, SOFTCAP,
     )
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_row, head_offset,
-        cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit, qk_scale,
-        dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, False,
+        cache_block_stride, cache_slot_stride, unmasked_end, kv_end, causal_limit,
+        window_start, qk_scale, softcap_log2e, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True,
+        False, False, SOFTCAP,
     )
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -680,6 +796,8 @@ def paged_attention_triton(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     config: AttentionKernelConfig = DEFAULT_ATTENTION_CONFIG,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton paged attention; returns ``out`` ([num_tokens, num_heads, head_dim], q's dtype).
 
@@ -688,9 +806,11 @@ def paged_attention_triton(
     correctly with new metadata contents. ``max_query_len == 1`` selects the decode kernel,
     which splits the context over ``num_kv_splits`` partitions (chosen from the SM count when
     None; the CPU interpreter defaults to 1). Tokens past ``query_start_loc[-1]`` are padding
-    and their output rows are left as they are.
+    and their output rows are left as they are. ``sliding_window`` and ``softcap`` are compile-
+    time properties of the kernels (a layer's, fixed across steps and graph replays).
     """
     _check_shapes(q, kv_cache, block_tables, query_start_loc, seq_lens)
+    check_layer_options(sliding_window, softcap)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
         raise ValueError("out must match q in shape and dtype, with a unit stride on head_dim")
     num_tokens, num_heads, head_dim = q.shape
@@ -703,7 +823,8 @@ def paged_attention_triton(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     head_dim_pad = next_power_of_2(head_dim)
     common = dict(
-        qk_scale=scale * _LOG2E,
+        qk_scale=scale * _LOG2E if softcap is None else scale / softcap,
+        softcap_log2e=0.0 if softcap is None else softcap * _LOG2E,
         head_dim=head_dim,
         q_token_stride=q.stride(0),
         q_head_stride=q.stride(1),
@@ -716,6 +837,8 @@ def paged_attention_triton(
         GROUP=group,
         BLOCK_SIZE=block_size,
         HEAD_DIM_PAD=head_dim_pad,
+        SLIDING_WINDOW=sliding_window or 0,
+        SOFTCAP=softcap is not None,
     )
     if max_query_len > 1:
         group_pad = next_power_of_2(group)
@@ -740,7 +863,8 @@ def paged_attention_triton(
         num_kv_splits = 1
         if q.is_cuda:
             num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
-            num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_seq_len, num_sms, config)
+            keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+            num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, keys, num_sms, config)
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     parts = (num_seqs, num_heads, num_kv_splits)
@@ -778,12 +902,17 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Paged attention: the Triton kernels on CUDA, the torch reference elsewhere (where the
     host copies of the lengths cost no device sync)."""
     if use_triton(q):
         return paged_attention_triton(
-            q, kv_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+            q, kv_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len,
+            max_seq_len, sliding_window=sliding_window, softcap=softcap,
         )
     query_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
-    return paged_attention_ref(q, kv_cache, block_tables, query_lens, seq_lens.tolist(), scale)
+    return paged_attention_ref(
+        q, kv_cache, block_tables, query_lens, seq_lens.tolist(), scale, sliding_window, softcap
+    )

@@ -150,6 +150,10 @@ class VocabEmbedding(_VocabParallel):
 class RMSNorm(nn.Module):
     """RMSNorm that also takes the residual stream, so the add and the norm can fuse."""
 
+    # The weight a model starts training with (dummy weights start there too): the weight is
+    # the scale itself here; families that scale by (1 + weight) start at zero.
+    initial_value: float = 1.0
+
     def __init__(self, hidden_size: int, eps: float, ctx: LayerContext) -> None:
         super().__init__()
         self.eps = eps
@@ -176,15 +180,24 @@ class RMSNorm(nn.Module):
 _DEFAULT_ROPE_THETA = 10000.0
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The model's RoPE settings as one dict with ``rope_theta`` and ``rope_type``.
 
     transformers 5 keeps them in ``config.rope_parameters``; older releases in
     ``config.rope_theta`` plus an optional ``config.rope_scaling`` (and Phi-3's
     ``partial_rotary_factor`` beside them). LongRoPE, first named ``su``, gets its pretraining
-    length and stretch ``factor`` filled in the way transformers fills them.
+    length and stretch ``factor`` filled in the way transformers fills them. Models whose layer
+    types rotate differently (Gemma 3: local and global bases) keep one dict per type in
+    ``config.rope_parameters``; ``layer_type`` picks one.
     """
     params = getattr(hf_config, "rope_parameters", None)
+    if layer_type is not None:
+        if not params or not isinstance(params.get(layer_type), dict):
+            raise NotImplementedError(
+                f"the config has no RoPE settings for {layer_type!r} layers "
+                "(per-layer-type settings are read in transformers 5's rope_parameters format)"
+            )
+        params = params[layer_type]
     if params:
         params = dict(params)
     else:
@@ -229,6 +242,9 @@ def _rope_frequencies(
     the two sets, by the forward that happened to compute each token.
     """
     theta = float(params["rope_theta"])
+    if params["rope_type"] == "linear":
+        # Positions interpolated by the factor, as transformers divides its frequencies.
+        return rotary_ops.rope_inv_freq(rotary_dim, theta, None) / float(params["factor"]), 1.0
     if params["rope_type"] != "longrope":
         return rotary_ops.rope_inv_freq(rotary_dim, theta, params), 1.0
     original = int(params["original_max_position_embeddings"])
@@ -313,12 +329,32 @@ class RotaryEmbedding(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def layer_sliding_window(hf_config: Any, layer_index: int) -> int | None:
+    """The number of keys layer ``layer_index`` attends to (its own included), None when it
+    attends to the whole context, as transformers decides it.
+
+    transformers 5 names each layer's kind in ``layer_types`` (Gemma 2/3 alternate local and
+    global layers; Qwen2/3 window the layers from ``max_window_layers`` on), and a
+    ``sliding_attention`` layer uses ``sliding_window``. Configs without layer kinds (Mistral,
+    Phi-3) window every layer when ``sliding_window`` is set, unless ``use_sliding_window``
+    (Qwen's older configs) turns it off.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return int(window) if layer_types[layer_index] == "sliding_attention" else None
+    return int(window)
+
+
 class Attention(nn.Module):
     """One decoder layer's attention over its slice of the paged KV cache.
 
     Holds what is fixed per layer (which cache is its own, this rank's head counts, the
-    scale, the backend) and reads what changes per step, the caches and the metadata, from
-    the forward context the runner opens around the model call.
+    scale, the sliding window and logit cap if any, the backend) and reads what changes per
+    step, the caches and the metadata, from the forward context the runner opens around the
+    model call.
     """
 
     def __init__(
@@ -329,6 +365,8 @@ class Attention(nn.Module):
         head_dim: int,
         scale: float,
         backend: AttentionBackend,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -337,12 +375,16 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.sliding_window = sliding_window
+        self.softcap = softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         step = get_forward_context()
         kv_cache = step.kv_caches[self.layer_index]
-        out = self.backend.forward(q, k, v, kv_cache, step.metadata, self.scale)
+        out = self.backend.forward(
+            q, k, v, kv_cache, step.metadata, self.scale, self.sliding_window, self.softcap
+        )
         return out.reshape(-1, self.num_heads * self.head_dim)
 
 

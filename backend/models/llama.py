@@ -27,6 +27,7 @@ from pagedserve.backend.models.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabEmbedding,
+    layer_sliding_window,
     rope_parameters,
 )
 from pagedserve.backend.runner.attention import AttentionBackend, get_forward_context
@@ -83,9 +84,21 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads,
             self.qkv_proj.num_kv_heads,
             head_dim,
-            head_dim**-0.5,
+            self.attention_scale(hf_config),
             attn_backend,
+            sliding_window=layer_sliding_window(hf_config, layer_index),
+            softcap=self.logit_softcap(hf_config),
         )
+
+    @staticmethod
+    def attention_scale(hf_config: Any) -> float:
+        """What q.k is multiplied by before the softmax."""
+        return float(head_dim_of(hf_config) ** -0.5)
+
+    @staticmethod
+    def logit_softcap(hf_config: Any) -> float | None:
+        """The cap c of c * tanh(score / c) on the attention scores; None: uncapped."""
+        return None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
@@ -94,10 +107,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    # The one activation this MLP computes, as the config names it.
+    activation = "silu"
+
     def __init__(self, hf_config: Any, ctx: LayerContext) -> None:
         super().__init__()
-        if hf_config.hidden_act != "silu":
-            raise ModelLoadError(f"activation {hf_config.hidden_act!r} is not supported (silu)")
+        name = self.activation_name(hf_config)
+        if name != self.activation:
+            raise ModelLoadError(f"activation {name!r} is not supported ({self.activation})")
         bias = bool(getattr(hf_config, "mlp_bias", False))
         inter = hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -105,13 +122,20 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias, ctx)
 
+    @staticmethod
+    def activation_name(hf_config: Any) -> str:
+        return str(hf_config.hidden_act)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(activation_ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    # A family whose layers differ from Llama's in attention alone (Qwen3) overrides this.
+    # A family whose layers differ from Llama's in attention alone (Qwen3) overrides this;
+    # Gemma swaps all three parts.
     attention_class: type[LlamaAttention] = LlamaAttention
+    mlp_class: type[LlamaMLP] = LlamaMLP
+    norm_class: type[RMSNorm] = RMSNorm
 
     def __init__(
         self,
@@ -126,9 +150,9 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = self.attention_class(
             hf_config, layer_index, rotary_emb, attn_backend, ctx
         )
-        self.mlp = LlamaMLP(hf_config, ctx)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
+        self.mlp = self.mlp_class(hf_config, ctx)
+        self.input_layernorm = self.norm_class(hf_config.hidden_size, eps, ctx)
+        self.post_attention_layernorm = self.norm_class(hf_config.hidden_size, eps, ctx)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -147,12 +171,16 @@ class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend, ctx: LayerContext) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx)
-        rotary_emb = self.rotary_embedding(hf_config, ctx)
+        rotary_embs = self.layer_rotary_embeddings(hf_config, ctx)
         self.layers = nn.ModuleList(
-            self.layer_class(hf_config, i, rotary_emb, attn_backend, ctx)
+            self.layer_class(hf_config, i, rotary_embs[i], attn_backend, ctx)
             for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx)
+        self.norm = self.layer_class.norm_class(hf_config.hidden_size, hf_config.rms_norm_eps, ctx)
+
+    def layer_rotary_embeddings(self, hf_config: Any, ctx: LayerContext) -> list[RotaryEmbedding]:
+        """Each layer's rotary embedding: here one, shared by all (Gemma 3 has two)."""
+        return [self.rotary_embedding(hf_config, ctx)] * hf_config.num_hidden_layers
 
     @staticmethod
     def rotary_embedding(hf_config: Any, ctx: LayerContext) -> RotaryEmbedding:
@@ -168,12 +196,15 @@ class LlamaModel(nn.Module):
         num_caches = len(get_forward_context().kv_caches)
         if num_caches != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV caches, got {num_caches}")
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -181,18 +181,15 @@ def _load_config(model_dir: Path | None, overrides: dict[str, Any]) -> Pretraine
 
 
 def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
-    """Bounded by the position table and, since attention here is full (not windowed), by
-    any sliding window: within the window, full attention is exactly what the model does."""
+    """Bounded by the position table (a sliding window bounds what a layer reads, not how
+    long a sequence may grow)."""
     limit = int(hf_config.max_position_embeddings)
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        limit = min(limit, int(window))
     if requested is None:
         return limit
     if requested > limit:
         raise ModelLoadError(
             f"max_model_len {requested} exceeds the model's limit of {limit} tokens "
-            "(max_position_embeddings, or the sliding window this backend does not implement)"
+            "(max_position_embeddings)"
         )
     if requested < 1:
         raise ModelLoadError(f"max_model_len must be positive, got {requested}")
@@ -261,15 +258,18 @@ class _LoadsWeights(Protocol):
 
 @torch.no_grad()
 def _init_dummy_weights(model: CausalLM, hf_config: PretrainedConfig, seed: int) -> None:
-    """Random weights of the config's init scale, reproducible from ``seed``: norms start at
-    one as in training, everything else normal(0, initializer_range).
+    """Random weights of the config's init scale, reproducible from ``seed``: norms start
+    where training starts them (``RMSNorm.initial_value``), everything else
+    normal(0, initializer_range).
 
     Each full checkpoint tensor is drawn from its own generator (seeded from ``seed`` and its
     name) and then sliced by the parameter's weight loader, so every tensor-parallel split of
     the model holds pieces of the same weights.
     """
     std = float(getattr(hf_config, "initializer_range", None) or _DEFAULT_INIT_STD)
-    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    norm_starts = {
+        id(m.weight): m.initial_value for m in model.modules() if isinstance(m, RMSNorm)
+    }
     owners = {
         id(param): cast(_LoadsWeights, module)  # every parameter's owner is one of our layers
         for module in model.modules()
@@ -278,8 +278,8 @@ def _init_dummy_weights(model: CausalLM, hf_config: PretrainedConfig, seed: int)
     for name, param in model.named_parameters():
         owner = owners[id(param)]
         for shard_id, shape in owner.full_shapes(param).items():
-            if id(param) in norm_weights:
-                full = torch.ones(shape)
+            if id(param) in norm_starts:
+                full = torch.full(shape, norm_starts[id(param)])
             else:
                 # CPU generators keep only 32 bits of a seed: fold seed and name into those.
                 key = f"{seed}/{name}:{shard_id}".encode()

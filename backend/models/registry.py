@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.gemma2 import Gemma2ForCausalLM
+from pagedserve.backend.models.gemma3 import Gemma3ForCausalLM
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.models.phi3 import Phi3ForCausalLM
@@ -34,6 +36,8 @@ _ENTRIES = (
     _Entry("Qwen2ForCausalLM", "qwen2", LlamaForCausalLM),
     _Entry("Qwen3ForCausalLM", "qwen3", Qwen3ForCausalLM),
     _Entry("Phi3ForCausalLM", "phi3", Phi3ForCausalLM),
+    _Entry("Gemma2ForCausalLM", "gemma2", Gemma2ForCausalLM),
+    _Entry("Gemma3ForCausalLM", "gemma3_text", Gemma3ForCausalLM),
 )
 _BY_ARCHITECTURE = {entry.architecture: entry for entry in _ENTRIES}
 _BY_MODEL_TYPE = {entry.model_type: entry for entry in _ENTRIES}

@@ -119,7 +119,13 @@ def get_forward_context() -> ForwardContext:
 
 
 class AttentionBackend(Protocol):
-    """Writes this step's K/V into the cache, then attends each query to its context."""
+    """Writes this step's K/V into the cache, then attends each query to its context.
+
+    ``sliding_window`` and ``softcap`` are the calling layer's own (see
+    ``pagedserve.kernels.paged_attention``): the same on every step, so a captured CUDA graph
+    holds them in its kernels and its replays need no new metadata for them. Every block of a
+    sequence stays cached whatever the window; a window only limits which keys are read.
+    """
 
     def forward(
         self,
@@ -129,6 +135,8 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
@@ -146,6 +154,8 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         kv_cache_ops.write_kv_cache_ref(k, v, kv_cache, metadata.slot_mapping)
         return paged_attention_ops.paged_attention_cpu(
@@ -155,6 +165,8 @@ class TorchAttentionBackend:
             metadata.query_lens_cpu,
             metadata.seq_lens_cpu,
             scale,
+            sliding_window,
+            softcap,
         )
 
 # -- the CUDA path -----------------------------------------------------------------------------
@@ -192,6 +204,8 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         kv_cache_ops.write_kv_cache_triton(k, v, kv_cache, metadata.slot_mapping)
         return paged_attention_ops.paged_attention_triton(
@@ -205,6 +219,8 @@ class TritonAttentionBackend:
             max_seq_len=metadata.max_seq_len,
             num_kv_splits=metadata.num_kv_splits,
             config=self.config,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )
 
     # -- CUDA-graph hooks ----------------------------------------------------------------------

@@ -62,6 +62,46 @@ def test_attention_realistic_shapes(dtype: torch.dtype, atol: float) -> None:
     assert err <= atol, err
 
 
+# (query heads, KV heads, head dim, window, cap): Gemma-2-9B's local layers (window 4096, cap
+# 50), Mistral-7B's window, and windows ending off the key tiles and the cache blocks.
+WINDOWED_SHAPES = [
+    (16, 8, 256, 4096, 50.0),
+    (32, 8, 128, 4096, None),
+    (32, 8, 128, 1000, 50.0),
+    (8, 4, 64, 37, None),
+    (8, 4, 64, 1, 5.0),
+]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, BF16_ATTENTION_ATOL), (torch.float16, FP16_ATTENTION_ATOL)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap", WINDOWED_SHAPES)
+def test_windowed_softcapped_attention(
+    num_heads: int, num_kv_heads: int, head_dim: int, window: int, softcap: float | None,
+    dtype: torch.dtype, atol: float,
+) -> None:
+    """Prefill (fresh, and chunks over prefixes longer and shorter than the window) and
+    split-KV decodes of contexts past the window, against the reference."""
+    scale = head_dim**-0.5
+    query_lens, context_lens = [512, 300, 700, 1, 1, 1, 0], [5000, 0, 100, 6000, 17, 4100, 3]
+    batch = make_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, CUDA)
+    options = {"sliding_window": window, "softcap": softcap}
+    ref = reference(batch, scale, **options)
+    out = paged_attention_triton(
+        batch.q, batch.kv_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens,
+        scale, max_query_len=max(query_lens), max_seq_len=max(batch.seq_lens_list), **options,
+    )
+    assert _max_err(out, ref, batch.num_real_tokens) <= atol
+    decode = make_batch([1] * 3, [9000, 4095, 33], num_heads, num_kv_heads, head_dim, dtype, CUDA)
+    ref = reference(decode, scale, **options)
+    for splits in (1, 7, 32, None):
+        out = paged_attention_triton(
+            decode.q, decode.kv_cache, decode.block_tables, decode.query_start_loc,
+            decode.seq_lens, scale, max_query_len=1, max_seq_len=9001, num_kv_splits=splits,
+            **options,
+        )
+        assert _max_err(out, ref, 3) <= atol, splits
+
+
 def test_new_table_widths_and_split_counts_compile_nothing() -> None:
     """The block-table width (the step's longest sequence in blocks) and the split count change
     while serving; once a prefill batch, a one-partition decode and a split decode have run, no
@@ -140,6 +180,7 @@ def test_bf16_elementwise_kernels() -> None:
     assert torch.equal(kv_cache, expected)
 
 
+@pytest.mark.parametrize("sliding_window,softcap", [(None, None), (300, 50.0)])
 @pytest.mark.parametrize(
     "query_lens_a,context_lens_a,query_lens_b,context_lens_b,splits",
     [
@@ -151,9 +192,11 @@ def test_bf16_elementwise_kernels() -> None:
 def test_cuda_graph_replay_with_new_metadata(
     query_lens_a: list[int], context_lens_a: list[int],
     query_lens_b: list[int], context_lens_b: list[int], splits: int | None,
+    sliding_window: int | None, softcap: float | None,
 ) -> None:
     """Capture with one batch's metadata, replay with another's: same shapes, new contents
-    (lengths, block tables, queries, cache); padding tokens and idle sequences included."""
+    (lengths, block tables, queries, cache); padding tokens and idle sequences included. A
+    layer's window and cap are captured with the kernels and hold on every replay."""
     max_query_len = max(query_lens_a + query_lens_b)
     max_seq_len = 1024  # the graph's bound, not either batch's
     table_width = max_seq_len // 16
@@ -168,7 +211,7 @@ def test_cuda_graph_replay_with_new_metadata(
         paged_attention_triton(
             static.q, static.kv_cache, static.block_tables, static.query_start_loc, static.seq_lens,
             HEAD_DIM**-0.5, max_query_len=max_query_len, max_seq_len=max_seq_len, out=out,
-            num_kv_splits=splits,
+            num_kv_splits=splits, sliding_window=sliding_window, softcap=softcap,
         )
 
     stream = torch.cuda.Stream()
@@ -189,7 +232,10 @@ def test_cuda_graph_replay_with_new_metadata(
     static.seq_lens.copy_(torch.tensor(seq_lens_b))
     graph.replay()
     torch.cuda.synchronize()
-    ref = paged_attention_ref(static.q, static.kv_cache, static.block_tables, query_lens_b, seq_lens_b, HEAD_DIM**-0.5)
+    ref = paged_attention_ref(
+        static.q, static.kv_cache, static.block_tables, query_lens_b, seq_lens_b, HEAD_DIM**-0.5,
+        sliding_window, softcap,
+    )
     err = _max_err(out, ref, sum(query_lens_b))
     assert err <= BF16_ATTENTION_ATOL, err
 

@@ -69,7 +69,10 @@ def make_batch(
     )
 
 
-def reference(batch: Batch, scale: float) -> torch.Tensor:
+def reference(
+    batch: Batch, scale: float, sliding_window: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
     return paged_attention_ref(
-        batch.q, batch.kv_cache, batch.block_tables, batch.query_lens, batch.seq_lens_list, scale
+        batch.q, batch.kv_cache, batch.block_tables, batch.query_lens, batch.seq_lens_list, scale,
+        sliding_window, softcap,
     )

@@ -171,10 +171,14 @@ def test_eos_ids_come_from_generation_config_then_config(
     assert _load(model=str(no_gen)).eos_token_ids == [0]
 
 
-def test_sliding_window_bounds_max_model_len(tiny_mistral_dir: Path) -> None:
-    assert _load(model=str(tiny_mistral_dir), load_format="dummy").max_model_len == 512
-    with pytest.raises(ModelLoadError, match="exceeds"):
-        _load(model=str(tiny_mistral_dir), load_format="dummy", max_model_len=600)
+def test_sliding_window_no_longer_bounds_max_model_len(tiny_mistral_dir: Path) -> None:
+    """Windows are run by the attention path, so only the position table bounds the length."""
+    loaded = _load(model=str(tiny_mistral_dir), load_format="dummy")
+    assert loaded.max_model_len == 1024
+    assert loaded.model.model.layers[0].self_attn.attn.sliding_window == 512
+    assert _load(model=str(tiny_mistral_dir), load_format="dummy", max_model_len=600).max_model_len == 600
+    with pytest.raises(ModelLoadError, match="exceeds the model's limit of 1024"):
+        _load(model=str(tiny_mistral_dir), load_format="dummy", max_model_len=1025)
 
 
 def test_bad_paths_and_files_raise_model_load_error(tiny_llama_dir: Path, tmp_path: Path) -> None:

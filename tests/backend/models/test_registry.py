@@ -11,6 +11,8 @@ from transformers import AutoConfig
 
 from pagedserve.backend.config import ModelConfig
 from pagedserve.backend.errors import ModelLoadError
+from pagedserve.backend.models.gemma2 import Gemma2ForCausalLM
+from pagedserve.backend.models.gemma3 import Gemma3ForCausalLM
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.models.loader import load_model
@@ -25,6 +27,8 @@ ARCHITECTURES: dict[str, tuple[str, type[CausalLM]]] = {
     "Qwen2ForCausalLM": ("qwen2", LlamaForCausalLM),
     "Qwen3ForCausalLM": ("qwen3", Qwen3ForCausalLM),
     "Phi3ForCausalLM": ("phi3", Phi3ForCausalLM),
+    "Gemma2ForCausalLM": ("gemma2", Gemma2ForCausalLM),
+    "Gemma3ForCausalLM": ("gemma3_text", Gemma3ForCausalLM),
 }
 
 
@@ -50,14 +54,15 @@ def test_unknown_architectures_and_model_types_are_refused() -> None:
         ModelLoadError,
         match=r"architecture 'LlamaForSequenceClassification' is not supported "
         r"\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-        r"Qwen3ForCausalLM, Phi3ForCausalLM\)",
+        r"Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM\)",
     ):
         resolve_model_class(head)
     # A registered architecture name does not admit a config of another type.
     gpt2 = AutoConfig.for_model("gpt2", architectures=["LlamaForCausalLM"])
     with pytest.raises(
         ModelLoadError,
-        match=r"'gpt2' is not supported \(supported: llama, mistral, qwen2, qwen3, phi3\)",
+        match=r"'gpt2' is not supported "
+        r"\(supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text\)",
     ):
         resolve_model_class(gpt2)
 
@@ -67,7 +72,14 @@ def test_an_architecture_of_another_family_is_refused() -> None:
     a name whose class differs from the model type's would build the wrong layers."""
     cross = AutoConfig.for_model("mistral", architectures=["LlamaForCausalLM"])
     assert resolve_model_class(cross) is LlamaForCausalLM
-    for model_type, architecture in [("llama", "Qwen3ForCausalLM"), ("qwen3", "Phi3ForCausalLM")]:
+    # Gemma 3's class extends Gemma 2's, but it builds q/k norms a Gemma 2 checkpoint lacks.
+    crossed = [
+        ("llama", "Qwen3ForCausalLM"),
+        ("qwen3", "Phi3ForCausalLM"),
+        ("gemma2", "Gemma3ForCausalLM"),
+        ("gemma3_text", "Gemma2ForCausalLM"),
+    ]
+    for model_type, architecture in crossed:
         config = AutoConfig.for_model(model_type, architectures=[architecture])
         with pytest.raises(
             ModelLoadError, match=f"architecture '{architecture}' does not fit model type"
