@@ -126,9 +126,14 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = self.attention_class(
             hf_config, layer_index, rotary_emb, attn_backend, ctx
         )
-        self.mlp = LlamaMLP(hf_config, ctx)
+        self.mlp = self.build_mlp(hf_config, layer_index, ctx)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, ctx)
+
+    @staticmethod
+    def build_mlp(hf_config: Any, layer_index: int, ctx: LayerContext) -> nn.Module:
+        """The layer's MLP; mixture-of-experts families put a sparse block in some layers."""
+        return LlamaMLP(hf_config, ctx)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None

@@ -17,8 +17,10 @@ from typing import Any
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.mixtral import MixtralForCausalLM
 from pagedserve.backend.models.phi3 import Phi3ForCausalLM
 from pagedserve.backend.models.qwen3 import Qwen3ForCausalLM
+from pagedserve.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ _ENTRIES = (
     _Entry("Qwen2ForCausalLM", "qwen2", LlamaForCausalLM),
     _Entry("Qwen3ForCausalLM", "qwen3", Qwen3ForCausalLM),
     _Entry("Phi3ForCausalLM", "phi3", Phi3ForCausalLM),
+    _Entry("MixtralForCausalLM", "mixtral", MixtralForCausalLM),
+    _Entry("Qwen3MoeForCausalLM", "qwen3_moe", Qwen3MoeForCausalLM),
 )
 _BY_ARCHITECTURE = {entry.architecture: entry for entry in _ENTRIES}
 _BY_MODEL_TYPE = {entry.model_type: entry for entry in _ENTRIES}
