@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from pagedserve.backend.config import ModelConfig
@@ -29,6 +30,7 @@ from tests.backend.models.conftest import TINY_QWEN3, randomize_norms
 from tests.backend.models.paged_schedule import random_prompts, run_schedule
 from tests.backend.models.test_families import ENGINE_PROMPTS
 from tests.backend.models.test_llama_model import check_against_transformers
+from tests.backend.models.test_tensor_parallel import TP_SIZE, _free_port, _logits, _rank_main
 from tests.conftest import TINY_LLAMA
 
 CPU = torch.device("cpu")
@@ -203,6 +205,20 @@ def test_bad_checkpoints_and_configs_are_refused(tiny_qwen3_moe_dir: Path, tmp_p
 def test_mixtral_sliding_window_is_refused(tiny_mixtral_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="sliding_window=256: windowed attention"):
         _load(tiny_mixtral_dir, load_format="dummy", hf_overrides={"sliding_window": 256})
+
+
+def test_two_rank_tensor_parallel_matches_single_rank(
+    tiny_qwen3_moe_dir: Path, tmp_path: Path
+) -> None:
+    """Every expert's intermediate dimension split over two gloo ranks, one all-reduce per
+    block: the logits equal the unsplit model's to fp32 reordering. (Mixtral's blocks are the
+    same module; Qwen3-MoE adds a dense layer and per-head norms beside them.)"""
+    model_dir = tiny_qwen3_moe_dir
+    mp.spawn(_rank_main, args=(_free_port(), model_dir, tmp_path), nprocs=TP_SIZE, join=True)
+    expected = _logits(model_dir, 0, 1)
+    for rank in range(TP_SIZE):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
 # The engine: 8 prompts of 1 to 300 tokens together, a 64-token budget (chunked prefill) and
