@@ -30,8 +30,8 @@ from torch import nn
 
 from pagedserve.backend.errors import ModelLoadError
 from pagedserve.backend.models.layer_context import LayerContext
-from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.models.layers import FullShapes, _copy_checked, _divide, _shard
+from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.quantization.unquantized import UnquantizedLinearMethod, linear
 from pagedserve.kernels.fused_moe import fused_moe
 

@@ -28,8 +28,8 @@ from pagedserve.backend.models.qwen3 import Qwen3DecoderLayer
 def num_experts_of(hf_config: Any) -> int:
     """transformers names the count ``num_experts`` in Qwen3-MoE configs, and some releases
     alias it to ``num_local_experts``."""
-    count = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
-    return int(count)
+    count = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
+    return int(count or 0)
 
 
 def is_sparse_layer(hf_config: Any, layer_index: int) -> bool:

@@ -158,11 +158,15 @@ def _restack(model_dir: Path, out: Path, block: str, gate: str, up: str, down: s
     for layer in layers:
         prefix = f"model.layers.{layer}.{block}.experts"
         count = len({n for n in state if n.startswith(prefix) and n.endswith(f".{down}.weight")})
-        pop = lambda e, p: state.pop(f"{prefix}.{e}.{p}.weight")  # noqa: E731
-        gates = [torch.cat([pop(e, gate), pop(e, up)]) for e in range(count)]
+        tensors = {
+            (e, p): state.pop(f"{prefix}.{e}.{p}.weight")
+            for e in range(count)
+            for p in (gate, up, down)
+        }
+        gates = [torch.cat([tensors[e, gate], tensors[e, up]]) for e in range(count)]
         state[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(gates)
         state[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
-            [pop(e, down) for e in range(count)]
+            [tensors[e, down] for e in range(count)]
         )
         router = f"model.layers.{layer}.{block}.gate.weight"
         state[f"model.layers.{layer}.mlp.gate.weight"] = state.pop(router)
