@@ -510,7 +510,7 @@ def stage_bench(
     release()
     bound = roofline_seconds(target.hf_config, ceilings, experts_read)
     fraction = bound / ours.seconds
-    result = {
+    result: dict[str, Any] = {
         "overlap_scheduling": overlap,
         "pagedserve_tok_s": ours.output_tokens_per_s, "pagedserve_s": ours.seconds,
         "roofline_s": bound, "roofline_fraction": fraction,
