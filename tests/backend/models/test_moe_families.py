@@ -26,41 +26,18 @@ from pagedserve.backend.models.moe import SparseMoEBlock, observe_routing
 from pagedserve.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 from pagedserve.backend.runner.attention import TorchAttentionBackend
 from tests.backend.engine.test_engine_vs_transformers import run_and_compare
-from tests.backend.models.conftest import TINY_QWEN3, randomize_norms
+from tests.backend.models.conftest import (
+    TINY_MIXTRAL,
+    TINY_QWEN3_MOE,
+    TINY_QWEN3_MOE_UNNORMALISED,
+    randomize_norms,
+)
 from tests.backend.models.paged_schedule import random_prompts, run_schedule
 from tests.backend.models.test_families import ENGINE_PROMPTS
 from tests.backend.models.test_llama_model import check_against_transformers
 from tests.backend.models.test_tensor_parallel import TP_SIZE, _free_port, _logits, _rank_main
-from tests.conftest import TINY_LLAMA
 
 CPU = torch.device("cpu")
-TINY_MIXTRAL: dict[str, Any] = {
-    **TINY_LLAMA,
-    "model_type": "mixtral",
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "intermediate_size": 64,
-    "tie_word_embeddings": False,
-    "sliding_window": None,
-}
-TINY_QWEN3_MOE: dict[str, Any] = {
-    **TINY_QWEN3,
-    "model_type": "qwen3_moe",
-    "num_hidden_layers": 3,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 48,
-    "intermediate_size": 96,
-    "norm_topk_prob": True,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [1],
-}
-TINY_QWEN3_MOE_UNNORMALISED: dict[str, Any] = {
-    **TINY_QWEN3_MOE,
-    "norm_topk_prob": False,
-    "decoder_sparse_step": 2,
-    "mlp_only_layers": [],
-}
 
 
 @pytest.fixture(scope="module")
