@@ -150,9 +150,15 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = self.attention_class(
             hf_config, layer_index, rotary_emb, attn_backend, ctx
         )
-        self.mlp = self.mlp_class(hf_config, ctx)
+        self.mlp = self.build_mlp(hf_config, layer_index, ctx)
         self.input_layernorm = self.norm_class(hf_config.hidden_size, eps, ctx)
         self.post_attention_layernorm = self.norm_class(hf_config.hidden_size, eps, ctx)
+
+    @classmethod
+    def build_mlp(cls, hf_config: Any, layer_index: int, ctx: LayerContext) -> nn.Module:
+        """The layer's MLP (``mlp_class``); mixture-of-experts families put a sparse block in
+        some layers."""
+        return cls.mlp_class(hf_config, ctx)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None

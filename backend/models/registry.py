@@ -19,8 +19,10 @@ from pagedserve.backend.models.gemma2 import Gemma2ForCausalLM
 from pagedserve.backend.models.gemma3 import Gemma3ForCausalLM
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
+from pagedserve.backend.models.mixtral import MixtralForCausalLM
 from pagedserve.backend.models.phi3 import Phi3ForCausalLM
 from pagedserve.backend.models.qwen3 import Qwen3ForCausalLM
+from pagedserve.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ _ENTRIES = (
     _Entry("Phi3ForCausalLM", "phi3", Phi3ForCausalLM),
     _Entry("Gemma2ForCausalLM", "gemma2", Gemma2ForCausalLM),
     _Entry("Gemma3ForCausalLM", "gemma3_text", Gemma3ForCausalLM),
+    _Entry("MixtralForCausalLM", "mixtral", MixtralForCausalLM),
+    _Entry("Qwen3MoeForCausalLM", "qwen3_moe", Qwen3MoeForCausalLM),
 )
 _BY_ARCHITECTURE = {entry.architecture: entry for entry in _ENTRIES}
 _BY_MODEL_TYPE = {entry.model_type: entry for entry in _ENTRIES}

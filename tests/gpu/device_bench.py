@@ -16,6 +16,13 @@
   and a kernel-time profile; profile-decode-1b / profile-decode-8b: the bench workload's steady
   decode steps alone, wall time per step beside kernel time per step and the host's Python
   profile (what bounds a decode step: the device or the host).
+- bench-qwen3-30b-a3b: the same ``bench offline`` workload on a dummy Qwen3-30B-A3B (128
+  experts, top-8), beside transformers, with a roofline whose weight term counts, per decode
+  step, the experts the step's tokens route to (recorded in an untimed eager pass of the same
+  workload through ``observe_routing``); bench-qwen3-8b: the dense Qwen3-8B, whose roofline
+  fraction is compared with bench-8b's (Llama-3-8B) when both run.
+- ``--smoke``: bench-qwen3-30b-a3b's code path on the CPU with a tiny Qwen3-MoE config and a
+  small workload (fp32, CPU ceilings), to check the stage runs before device time is spent.
 
 ``--tokenizer`` is a directory of tokenizer files (the dummy models need one to build requests).
 Prints a short table per stage and writes ``results.json`` under ``--out``.
@@ -31,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +52,44 @@ BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT = 256, 512, 256
 # Tokens per engine step: 16384 keeps prefill GEMMs large and needs half the mixed
 # prefill/decode steps of 8192 (the profile stage measures both).
 BENCH_TOKEN_BUDGET = 16384
+BENCH_DTYPE = "bfloat16"
+BENCH_MAX_MODEL_LEN = 4096
+DEVICE = "cuda"
 GIB = 1 << 30
+SMOKE_MOE_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 49152,
+    "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def use_smoke_settings() -> None:
+    """A CPU run of the MoE bench stage: tiny model, small workload, fp32."""
+    global BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT, BENCH_TOKEN_BUDGET, BENCH_DTYPE, DEVICE
+    global BENCH_MAX_MODEL_LEN
+    BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT, BENCH_TOKEN_BUDGET = 6, 40, 6, 64
+    BENCH_DTYPE, DEVICE, BENCH_MAX_MODEL_LEN = "float32", "cpu", 512
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
 def timed(fn: Any, reps: int = 20) -> float:
-    """Median seconds of fn() over reps, timed with CUDA events after two warm-ups."""
+    """Median seconds of fn() over reps, timed with CUDA events after two warm-ups (with the
+    host clock on the CPU)."""
     for _ in range(2):
         fn()
     times = []
     for _ in range(reps):
+        if DEVICE != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -63,26 +100,33 @@ def timed(fn: Any, reps: int = 20) -> float:
 
 
 def stage_ceilings() -> dict[str, float]:
-    src = torch.randn(GIB // 2, dtype=torch.float16, device="cuda")  # 1 GiB
+    on_cuda = DEVICE == "cuda"
+    src = torch.randn(GIB // 2 if on_cuda else 1 << 22, dtype=torch.float16, device=DEVICE)
     dst = torch.empty_like(src)
     copy_s = timed(lambda: dst.copy_(src))
     copy_bw = 2 * src.numel() * src.element_size() / copy_s
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    n = 8192 if on_cuda else 512
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
     mm_s = timed(lambda: a @ b, reps=10)
     del src, dst, a, b
-    torch.cuda.empty_cache()
+    release()
     result = {"copy_bandwidth_gbs": copy_bw / 1e9, "bf16_matmul_tflops": 2 * n**3 / mm_s / 1e12}
     print(f"ceilings: copy {result['copy_bandwidth_gbs']:.0f} GB/s (read+write), "
           f"bf16 matmul {result['bf16_matmul_tflops']:.0f} TFLOP/s")
     return result
 
 
-def model_dir_with_tokenizer(name: str, tokenizer: Path, work: Path) -> Path:
+def model_dir_with_tokenizer(
+    name: str, tokenizer: Path, work: Path, config: dict[str, Any] | None = None
+) -> Path:
     target = work / name
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(CONFIGS / name / "config.json", target / "config.json")
+    if config is None:
+        shutil.copy(CONFIGS / name / "config.json", target / "config.json")
+    else:
+        (target / "config.json").write_text(json.dumps(config))
     for f in tokenizer.iterdir():
         if f.is_file() and not f.name.startswith(("config", "model")):
             shutil.copy(f, target / f.name)
@@ -91,7 +135,8 @@ def model_dir_with_tokenizer(name: str, tokenizer: Path, work: Path) -> Path:
 
 def release() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def random_llama_1b(tokenizer: Path, work: Path) -> tuple[Any, Path, Any]:
@@ -326,27 +371,104 @@ def teacher_forced_logits(runner: Any, ids: list[int]) -> torch.Tensor:
     return runner.model.compute_logits(hidden)
 
 
-def roofline_seconds(config: Any, ceilings: dict[str, float]) -> float:
-    """Lower bound for the workload: each decode step reads all weights and every live K/V
-    once at copy bandwidth; prefill runs its matmul FLOPs at the measured bf16 rate."""
+@dataclass
+class RoutingRecord:
+    """Per forward of the engine: its tokens and the experts it reads (over every MoE layer,
+    the number of distinct experts its tokens route to). A ``RoutingObserver``."""
+
+    steps: list[tuple[int, int]] = field(default_factory=list)
+    last_layer: int = -1
+
+    def __call__(self, layer: int, ids: torch.Tensor) -> None:
+        if layer <= self.last_layer or not self.steps:
+            self.steps.append((ids.shape[0], 0))
+        tokens, experts = self.steps[-1]
+        self.steps[-1] = (tokens, experts + int(torch.unique(ids).numel()))
+        self.last_layer = layer
+
+    def decode_steps(self, num_requests: int) -> list[int]:
+        """Experts read by each step of at most one token per request, in order: the
+        decode-only steps (the standard workload's prefill steps fill the token budget)."""
+        return [experts for tokens, experts in self.steps if tokens <= num_requests]
+
+
+def record_routing(llm: Any, prompts: list[list[int]], output_len: int) -> RoutingRecord:
+    """The workload again, untimed and eager (decode graphs released, so the observer runs on
+    every step), recording the experts every step reads."""
+    from pagedserve import SamplingParams
+    from pagedserve.backend.models.moe import observe_routing
+
+    runner = llm.engine.runner
+    runner.release_decode_graphs()
+    record = RoutingRecord()
+    assert observe_routing(runner.model, record) > 0, "not a mixture-of-experts model"
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
+    try:
+        llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    finally:
+        observe_routing(runner.model, None)
+    return record
+
+
+@dataclass
+class WeightShape:
+    """Matmul parameters by how often a step reads them."""
+
+    every_step: int  # attention, routers, dense MLPs, lm head: read by every decode step
+    per_expert: int  # one expert of one layer (gate, up, down)
+    experts: int  # expert MLPs over all layers (128 x 48 for Qwen3-30B-A3B)
+    per_token: int  # what one token multiplies by: every_step's layers plus its top-k experts
+
+    @classmethod
+    def of(cls, config: Any) -> WeightShape:
+        from pagedserve.backend.models.qwen3_moe import is_sparse_layer, num_experts_of
+
+        h, layers = config.hidden_size, config.num_hidden_layers
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or h // heads
+        attention = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h
+        dense_mlp = 3 * h * config.intermediate_size
+        moe = config.model_type == "qwen3_moe"
+        sparse = sum(is_sparse_layer(config, i) for i in range(layers)) if moe else 0
+        experts = num_experts_of(config) if moe else 0
+        per_expert = 3 * h * config.moe_intermediate_size if moe else 0
+        body = layers * attention + (layers - sparse) * dense_mlp + sparse * experts * h
+        # The lm head counts for decode steps; prefill computes it for the last tokens only.
+        every_step = body + config.vocab_size * h
+        top_k = int(config.num_experts_per_tok) if moe else 0
+        return cls(every_step, per_expert, sparse * experts, body + sparse * top_k * per_expert)
+
+
+def roofline_seconds(
+    config: Any, ceilings: dict[str, float], experts_read: list[int] | None = None
+) -> float:
+    """Lower bound for the workload: each decode step reads its weights and every live K/V
+    once at copy bandwidth; prefill runs its matmul FLOPs at the measured bf16 rate.
+
+    A dense model's decode step reads all weights. A mixture of experts' step reads the dense
+    part and, per layer, only the experts its tokens route to: ``experts_read[i]`` for decode
+    step i as recorded (their mean past the recorded steps); without a record, all experts.
+    Prefill FLOPs count each token's top-k experts.
+    """
     h, layers = config.hidden_size, config.num_hidden_layers
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
-    inter, vocab = config.intermediate_size, config.vocab_size
-    per_layer = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * inter
-    # Matmul weights a decode step must read: every layer plus the lm head (embedding lookups
-    # read only a few rows).
-    matmul_params = layers * per_layer + vocab * h
+    vocab = config.vocab_size
+    weights = WeightShape.of(config)
+    read = experts_read or [weights.experts]
+    mean_read = sum(read) / len(read)
     bw = ceilings["copy_bandwidth_gbs"] * 1e9  # bytes moved per second, reads and writes alike
     kv_per_token = layers * 2 * kv_heads * head_dim * 2
     decode = 0.0
     for step in range(BENCH_OUTPUT):
         kv = BENCH_REQUESTS * (BENCH_INPUT + step) * kv_per_token
-        decode += (2 * matmul_params + kv) / bw
+        experts = read[step] if step < len(read) else mean_read
+        params = weights.every_step + experts * weights.per_expert
+        decode += (2 * params + kv) / bw
     prefill_tokens = BENCH_REQUESTS * BENCH_INPUT
     # Layers for every prompt token, the lm head for each prompt's last token only; causal
     # attention (QK^T and PV) over half the square.
-    flops = 2 * layers * per_layer * prefill_tokens + 2 * vocab * h * BENCH_REQUESTS
+    flops = 2 * weights.per_token * prefill_tokens + 2 * vocab * h * BENCH_REQUESTS
     flops += 4 * layers * heads * head_dim * BENCH_REQUESTS * BENCH_INPUT**2 / 2
     prefill = flops / (ceilings["bf16_matmul_tflops"] * 1e12)
     return decode + prefill
@@ -354,10 +476,11 @@ def roofline_seconds(config: Any, ceilings: dict[str, float]) -> float:
 
 def stage_bench(
     name: str, tokenizer: Path, work: Path, ceilings: dict[str, float], overlap: bool = True,
-    with_peer: bool = True,
+    with_peer: bool = True, config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Throughput beside the peer; ``overlap=False, with_peer=False`` is the ablation that
-    shows what overlapped scheduling buys (same engine, host and device serialized)."""
+    shows what overlapped scheduling buys (same engine, host and device serialized).
+    ``config``: a config.json to write in place of ``configs/<name>`` (the smoke's)."""
     from pagedserve import LLM
     from pagedserve.backend.offline_cli import (
         PeerTarget,
@@ -367,29 +490,46 @@ def stage_bench(
         print_table,
     )
 
-    cfg_dir = model_dir_with_tokenizer(name, tokenizer, work)
+    cfg_dir = model_dir_with_tokenizer(name, tokenizer, work, config)
     workload = Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT)
-    llm = LLM(str(cfg_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096,
-              max_num_seqs=256, max_num_batched_tokens=BENCH_TOKEN_BUDGET,
-              overlap_scheduling=overlap)
+    llm = LLM(str(cfg_dir), load_format="dummy", dtype=BENCH_DTYPE, device=DEVICE,
+              max_model_len=BENCH_MAX_MODEL_LEN, max_num_seqs=256,
+              max_num_batched_tokens=BENCH_TOKEN_BUDGET, overlap_scheduling=overlap)
     target = PeerTarget.of(llm)
     ours = bench_pagedserve(llm, workload)
+    experts_read = None
+    if target.hf_config.model_type == "qwen3_moe":
+        # Other prompts of the same kind: no prefix-cache hits, so every prefill step fills
+        # the token budget and only decode steps have at most one token per request.
+        fresh = Workload(BENCH_REQUESTS, BENCH_INPUT, BENCH_OUTPUT, seed=workload.seed + 2)
+        record = record_routing(
+            llm, fresh.prompts(target.vocab_size, target.special_ids), BENCH_OUTPUT
+        )
+        experts_read = record.decode_steps(num_requests=BENCH_REQUESTS)
     del llm
     release()
-    bound = roofline_seconds(target.hf_config, ceilings)
+    bound = roofline_seconds(target.hf_config, ceilings, experts_read)
     fraction = bound / ours.seconds
-    result = {
+    result: dict[str, Any] = {
         "overlap_scheduling": overlap,
         "pagedserve_tok_s": ours.output_tokens_per_s, "pagedserve_s": ours.seconds,
         "roofline_s": bound, "roofline_fraction": fraction,
     }
+    if experts_read is not None:
+        weights = WeightShape.of(target.hf_config)
+        result.update(decode_steps_recorded=len(experts_read),
+                      mean_experts_read_per_decode_step=sum(experts_read) / max(1, len(experts_read)),
+                      experts_total=weights.experts)
+        print(f"{name}: decode steps read {result['mean_experts_read_per_decode_step']:.0f} of "
+              f"{weights.experts} experts on average ({len(experts_read)} steps recorded)")
     systems = [ours]
     if with_peer:
         peer = bench_transformers(target, workload, continuous=True)
         release()
         systems.append(peer)
-        result.update(peer=peer.system, peer_tok_s=peer.output_tokens_per_s, peer_s=peer.seconds)
-    print_table(workload, systems, device=torch.cuda.get_device_name())
+        result.update(peer=peer.system, peer_tok_s=peer.output_tokens_per_s, peer_s=peer.seconds,
+                      ratio_to_peer=ours.output_tokens_per_s / peer.output_tokens_per_s)
+    print_table(workload, systems, device=device_name())
     print(f"{name} (overlap {overlap}): roofline {bound:.2f} s -> pagedserve at "
           f"{100 * fraction:.1f}% of roofline")
     return result
@@ -490,11 +630,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stages", default="parity-fp32,parity-bf16,bench-1b,bench-8b")
     parser.add_argument("--trained-gguf", type=Path, help="GGUF checkpoint for parity-bf16-trained")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the MoE bench stage on the CPU with a tiny model (no other stage)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    if args.smoke:
+        use_smoke_settings()
+        stages = ["bench-moe-smoke"]
+    print(f"device: {device_name()}, torch {torch.__version__}")
+    results: dict[str, Any] = {"device": device_name(), "date": time.strftime("%Y-%m-%d")}
     work = Path(tempfile.mkdtemp(prefix="pagedserve-device-"))
     results["ceilings"] = ceilings = stage_ceilings()
     try:
@@ -527,6 +672,19 @@ def main() -> int:
             if stage in stages:
                 results[stage] = stage_bench(name, args.tokenizer, work, ceilings)
                 (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        for stage, name in (("bench-qwen3-8b", "qwen3-8b"), ("bench-qwen3-30b-a3b", "qwen3-30b-a3b")):
+            if stage in stages:
+                results[stage] = stage_bench(name, args.tokenizer, work, ceilings)
+                (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        if "bench-moe-smoke" in stages:
+            results["bench-moe-smoke"] = stage_bench(
+                "qwen3-moe-smoke", args.tokenizer, work, ceilings, config=SMOKE_MOE_CONFIG
+            )
+        if "bench-8b" in results and "bench-qwen3-8b" in results:
+            llama, qwen = (results[s]["roofline_fraction"] for s in ("bench-8b", "bench-qwen3-8b"))
+            results["qwen3_8b_over_llama_3_8b_roofline_fraction"] = qwen / llama
+            print(f"Qwen3-8B at {100 * qwen:.1f}% of its roofline, Llama-3-8B at {100 * llama:.1f}%: "
+                  f"ratio {qwen / llama:.3f} (target within 5%)")
     finally:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         shutil.rmtree(work, ignore_errors=True)

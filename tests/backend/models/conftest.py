@@ -81,6 +81,38 @@ TINY_QWEN3: dict[str, Any] = {
 }
 
 
+# Mixture of experts: 8 experts, top-2. Mixtral: Mistral's attention, every layer sparse.
+# Qwen3-MoE: Qwen3's attention, a dense layer (mlp_only_layers) between two sparse ones; the
+# unnormalised variant keeps the raw top-k softmax weights, every other layer sparse.
+TINY_MIXTRAL: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "mixtral",
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 64,
+    "tie_word_embeddings": False,
+    "sliding_window": None,
+}
+TINY_QWEN3_MOE: dict[str, Any] = {
+    **TINY_QWEN3,
+    "model_type": "qwen3_moe",
+    "num_hidden_layers": 3,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 48,
+    "intermediate_size": 96,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [1],
+}
+TINY_QWEN3_MOE_UNNORMALISED: dict[str, Any] = {
+    **TINY_QWEN3_MOE,
+    "norm_topk_prob": False,
+    "decoder_sparse_step": 2,
+    "mlp_only_layers": [],
+}
+
+
 def _phi3_settings(original: int, partial: float) -> dict[str, Any]:
     rotary_half = int(16 * partial) // 2  # head_dim 16
     return {

@@ -19,9 +19,11 @@ from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import get_attention_backend
 from tests.backend.models.conftest import (
+    TINY_MIXTRAL,
     TINY_PHI3,
     TINY_PHI3_MAX_MODEL_LEN,
     TINY_QWEN3,
+    TINY_QWEN3_MOE,
     randomize_norms,
 )
 from tests.backend.models.paged_schedule import (
@@ -38,11 +40,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-MODELS = {"llama": TINY_LLAMA, "qwen2": TINY_QWEN2, "qwen3": TINY_QWEN3, "phi3": TINY_PHI3}
+MODELS = {
+    "llama": TINY_LLAMA, "qwen2": TINY_QWEN2, "qwen3": TINY_QWEN3, "phi3": TINY_PHI3,
+    # The fused MoE kernels in place of the per-expert torch loop.
+    "mixtral": TINY_MIXTRAL, "qwen3_moe": TINY_QWEN3_MOE,
+}
 # Phi-3 runs its short LongRoPE factors, as transformers does on these short sequences.
 MAX_MODEL_LEN = {"phi3": TINY_PHI3_MAX_MODEL_LEN}
 # Norm weights other than ones where the family has norms the Llama family lacks.
-RANDOM_NORMS = ("qwen3", "phi3")
+RANDOM_NORMS = ("qwen3", "phi3", "mixtral", "qwen3_moe")
 # fp32 everywhere; the Triton attention kernels and cuBLAS reduce in their own orders.
 # Measured on an H100: worst row ~3e-6 of max |logit|. In bf16 our error against fp32 was
 # slightly below transformers' own bf16 error (mean 1.6e-2 vs 1.8e-2), argmax agreement ~0.95.

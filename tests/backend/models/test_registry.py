@@ -16,8 +16,10 @@ from pagedserve.backend.models.gemma3 import Gemma3ForCausalLM
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.models.loader import load_model
+from pagedserve.backend.models.mixtral import MixtralForCausalLM
 from pagedserve.backend.models.phi3 import Phi3ForCausalLM
 from pagedserve.backend.models.qwen3 import Qwen3ForCausalLM
+from pagedserve.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 from pagedserve.backend.models.registry import resolve_model_class
 from pagedserve.backend.runner.attention import TorchAttentionBackend
 
@@ -29,6 +31,8 @@ ARCHITECTURES: dict[str, tuple[str, type[CausalLM]]] = {
     "Phi3ForCausalLM": ("phi3", Phi3ForCausalLM),
     "Gemma2ForCausalLM": ("gemma2", Gemma2ForCausalLM),
     "Gemma3ForCausalLM": ("gemma3_text", Gemma3ForCausalLM),
+    "MixtralForCausalLM": ("mixtral", MixtralForCausalLM),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", Qwen3MoeForCausalLM),
 }
 
 
@@ -54,15 +58,16 @@ def test_unknown_architectures_and_model_types_are_refused() -> None:
         ModelLoadError,
         match=r"architecture 'LlamaForSequenceClassification' is not supported "
         r"\(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-        r"Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM\)",
+        r"Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
+        r"MixtralForCausalLM, Qwen3MoeForCausalLM\)",
     ):
         resolve_model_class(head)
     # A registered architecture name does not admit a config of another type.
     gpt2 = AutoConfig.for_model("gpt2", architectures=["LlamaForCausalLM"])
     with pytest.raises(
         ModelLoadError,
-        match=r"'gpt2' is not supported "
-        r"\(supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text\)",
+        match=r"'gpt2' is not supported \(supported: llama, mistral, qwen2, qwen3, phi3, "
+        r"gemma2, gemma3_text, mixtral, qwen3_moe\)",
     ):
         resolve_model_class(gpt2)
 

@@ -3,9 +3,10 @@ streamed completion runs over the OpenAI API.
 
 As on gRPC (test_drain.py): the open stream runs to its end (every token, its usage, then
 ``data: [DONE]``), new work is refused while the process still drains, and it exits 0 once
-the stream is done. On HTTP a refusal is one of two: the listener is closed at the drain's
-start, so a new connection is refused; a request that reached the server first gets the
-documented 503 in OpenAI's error shape. Never a 200.
+the stream is done. On HTTP a refusal is one of three: the listener is closed at the drain's
+start, so a new connection is refused (or reset unanswered, if the kernel had queued it
+already); a request that reached the server first gets the documented 503 in OpenAI's error
+shape. Never a 200.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ async def _new_request_outcome(url: str, model: str) -> str:
             async with fresh.post(url, json={**_body(model, False), "max_tokens": 2}) as reply:
                 error = (await reply.json()).get("error") or {}
                 return f"{reply.status} {error.get('type')}"
-        except aiohttp.ClientConnectorError:
+        # Refused outright, or reset unanswered: a connection the kernel had queued before the
+        # listener closed (ClientConnectorError is one of the OS errors).
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
             return "refused"
 
 
