@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = kp.SERVICE_NAME
+# The service's descriptors are in the protocol's own pool: the server's reflection reads it.
+DESCRIPTOR_POOL = kp.POOL
 _NO_REPOSITORY = "pagedserve serves the one model given at start-up; there is no model repository"
 _NO_SHARED_MEMORY = "shared-memory tensors are not supported; send tensors in the request"
 _NO_SETTINGS = "not adjustable over this protocol; set at start-up"
