@@ -251,7 +251,7 @@ class GenerationServicer:
         prompt = prompt_input_from_proto(request)
         params = sampling_params_from_proto(request)
         n = checked_num_choices(request.n if request.HasField("n") else None)
-        prompt_ids = prompt_token_ids(engine, prompt)
+        prompt_ids = await prompt_token_ids(engine, prompt)
         trace.start_request(
             model=request.model,
             served_model=self._state.served_model_name,

@@ -23,7 +23,7 @@ import grpc
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes
 from pagedserve.backend.errors import InvalidRequestError, RequestFailedError
 from pagedserve.backend.server import kserve_protocol as kp
-from pagedserve.backend.server.choices import ChoiceDelta, submit_choices
+from pagedserve.backend.server.choices import ChoiceDelta, submit_choices, tokenized
 from pagedserve.backend.server.kserve_convert import (
     FINAL_RESPONSE,
     STREAM,
@@ -234,7 +234,7 @@ class KServeServicer:
         id of choice 0 (a KServe ``id`` need not be unique, so it is not the engine's).
         """
         try:
-            prompt_token_ids = engine.tokenize(request.prompt)
+            prompt_token_ids = await tokenized(engine, "prompt", request.prompt)
             completion.start(request.n, len(prompt_token_ids))
             trace.start_request(
                 model=self._model_name,
