@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -111,7 +111,8 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
         options=grpc_options(config), interceptors=security.server_interceptors(config)
     )
     names = add_generation_service(server, state)
-    pools = [descriptor_pool.Default()]
+    default_pool = descriptor_pool.Default()
+    pools = dict.fromkeys(names, default_pool)
     for module_name, function_name in SERVICE_PLUGINS:
         if importlib.util.find_spec(module_name) is None:
             continue
@@ -119,14 +120,15 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
         add_service: Callable[[grpc.aio.Server, ServerState], Sequence[str]] = getattr(
             module, function_name
         )
-        names.extend(add_service(server, state))
-        if hasattr(module, "DESCRIPTOR_POOL"):
-            pools.append(module.DESCRIPTOR_POOL)
+        added = add_service(server, state)
+        names.extend(added)
+        pools.update(dict.fromkeys(added, getattr(module, "DESCRIPTOR_POOL", default_pool)))
     add_health_service(server, state.health)
     for name in names:
         await state.register_health_service(name)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    add_reflection_service(server, [*names, health_name, reflection.SERVICE_NAME], pools)
+    pools.update(dict.fromkeys([health_name, reflection.SERVICE_NAME], default_pool))
+    add_reflection_service(server, pools)
     address = f"{config.host}:{config.port}"
     try:
         port = (
@@ -155,14 +157,15 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
 
 
 def reflection_pool(
-    names: Sequence[str], pools: Sequence[descriptor_pool.DescriptorPool]
+    pools: Mapping[str, descriptor_pool.DescriptorPool],
 ) -> descriptor_pool.DescriptorPool:
-    """One pool holding the file of every service in ``names`` and the files those import,
-    each service looked up in the first of ``pools`` that has it.
+    """One pool holding the file of every service (``pools``: service name -> the pool its
+    descriptors live in) and the files those import.
 
     grpc's reflection servicer answers from a single pool; the KServe classes live in a private
     one (``kserve_protocol``), so the default pool alone would list their service but answer
-    NOT_FOUND for its file and messages."""
+    NOT_FOUND for its file and messages, or, in a process that imported Triton's client too,
+    describe Triton's copy of the file rather than the one served."""
     merged = descriptor_pool.DescriptorPool()
     added: set[str] = set()
 
@@ -176,28 +179,22 @@ def reflection_pool(
         merged.AddSerializedFile(proto.SerializeToString())
         added.add(file.name)
 
-    for name in names:
-        for pool in pools:
-            try:
-                service = pool.FindServiceByName(name)
-            except KeyError:
-                continue
-            add(service.file)
-            break
-        else:
-            raise LookupError(f"service {name} is in none of the descriptor pools")
+    for name, pool in pools.items():
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            raise LookupError(f"service {name} is not in its descriptor pool") from None
+        add(service.file)
     return merged
 
 
 def add_reflection_service(
-    server: grpc.aio.Server,
-    names: Sequence[str],
-    pools: Sequence[descriptor_pool.DescriptorPool],
+    server: grpc.aio.Server, pools: Mapping[str, descriptor_pool.DescriptorPool]
 ) -> None:
-    """grpc's reflection servicer, over ``reflection_pool(names, pools)``, behind the tolerant
-    deserializer: a message that does not parse ends the call with INVALID_ARGUMENT, not the
-    generated handler's UNKNOWN."""
-    servicer = reflection.aio.ReflectionServicer(names, pool=reflection_pool(names, pools))
+    """grpc's reflection servicer for the services of ``pools`` (see ``reflection_pool``),
+    behind the tolerant deserializer: a message that does not parse ends the call with
+    INVALID_ARGUMENT, not the generated handler's UNKNOWN."""
+    servicer = reflection.aio.ReflectionServicer(list(pools), pool=reflection_pool(pools))
 
     async def info(
         requests: AsyncIterator[reflection_pb2.ServerReflectionRequest | UndecodableRequest],

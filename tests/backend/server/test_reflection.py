@@ -10,6 +10,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+# Triton's client registers its own copy of the inference.* names in the default pool, as a
+# proxy or test process next to the server would: reflection must still serve the server's.
+from tritonclient.grpc import service_pb2  # noqa: F401
+
 from pagedserve.backend.server import kserve_protocol as kp
 from pagedserve.backend.server.generation_service import SERVICE_NAME as NATIVE
 from pagedserve.backend.server.server import BackgroundServer, reflection_pool
@@ -52,6 +56,6 @@ def test_unknown_symbol_is_still_not_found(tiny_server: BackgroundServer) -> Non
             db.FindFileContainingSymbol("inference.NoSuchMessage")
 
 
-def test_a_service_in_no_pool_is_refused_at_start() -> None:
+def test_a_service_missing_from_its_pool_is_refused_at_start() -> None:
     with pytest.raises(LookupError, match="no.such.Service"):
-        reflection_pool(["no.such.Service"], [descriptor_pool.Default(), kp.POOL])
+        reflection_pool({NATIVE: descriptor_pool.Default(), "no.such.Service": kp.POOL})
