@@ -84,10 +84,12 @@ async def _tokenizer_call(size: int, call: Callable[[], list[int]]) -> list[int]
     return await asyncio.to_thread(call)
 
 
-async def tokenized(engine: EngineClient, field: str, text: str) -> list[int]:
+async def tokenized(
+    engine: EngineClient, field: str, text: str, add_special_tokens: bool = True
+) -> list[int]:
     """``text``'s ids, as the engine tokenizes a prompt, once its size is within bounds."""
     size = _checked_size(field, [text], engine.limits)
-    return await _tokenizer_call(size, lambda: engine.tokenize(text))
+    return await _tokenizer_call(size, lambda: engine.tokenize(text, add_special_tokens))
 
 
 async def rendered_chat(

@@ -31,6 +31,7 @@ from pagedserve.backend.server.choices import (
     checked_num_choices,
     prompt_token_ids,
     submit_choices,
+    tokenized,
 )
 from pagedserve.backend.server.state import ServerState
 from pagedserve.backend.server.status import (
@@ -334,7 +335,8 @@ class GenerationServicer:
             add_special = (
                 request.add_special_tokens if request.HasField("add_special_tokens") else True
             )
-            return pb.TokenizeResponse(token_ids=engine.tokenize(request.text, add_special))
+            token_ids = await tokenized(engine, "text", request.text, add_special)
+            return pb.TokenizeResponse(token_ids=token_ids)
         except Exception as error:
             await _abort(context, error)
 

@@ -4,6 +4,7 @@ keep flowing meanwhile."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import threading
@@ -40,7 +41,7 @@ class _Engine:
         self.limits = RequestLimits(max_prompt_bytes=max_prompt_bytes)
         self.threads: list[threading.Thread] = []
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.threads.append(threading.current_thread())
         return [len(text)]
 
@@ -91,6 +92,10 @@ def test_a_prompt_over_the_limit_is_refused_untokenized_on_every_api(
         client.complete(messages=[{"role": "user", "content": over}], max_tokens=2)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "--max-prompt-bytes" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.tokenize(over)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("text: ")
 
     model = tiny_server.state.served_model_name
     kserve = triton_service.ModelInferRequest(model_name=model, id="huge")
@@ -176,3 +181,13 @@ def test_a_huge_prompt_does_not_stall_a_concurrent_stream(
           f"{max(gaps):.3f} s")
     assert len(during) >= 3
     assert max(gaps) < tokenize_s / 2
+
+
+def test_the_flag_sets_the_limit() -> None:
+    from pagedserve.backend.cli import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config_from_args(parser.parse_args([])).limits.max_prompt_bytes == LIMIT
+    args = parser.parse_args(["--max-prompt-bytes", "10"])
+    assert engine_config_from_args(args).limits.max_prompt_bytes == 10
