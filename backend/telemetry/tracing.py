@@ -220,8 +220,9 @@ def rpc_span(
     context: grpc.aio.ServicerContext,
     request_id: str,
 ) -> Iterator[RpcTrace | NoTrace]:
-    """The SERVER span of one RPC, child of the caller's ``traceparent``; ended (from the
-    telemetry thread) with the status the client saw."""
+    """The SERVER span of one RPC (or of one request multiplexed on a stream), child of the
+    caller's ``traceparent``; ended (from the telemetry thread) with the status the client saw:
+    the call's, or the request's in-band one (``answer_in_band``)."""
     span = tracer.start_span(
         f"{service}/{method}",
         context=propagate.extract(_carrier(context)),
