@@ -102,6 +102,11 @@ class RequestLimits:
 
     max_prompt_tokens: int | None = None
     max_output_tokens: int | None = None
+    # A prompt's text (or its chat messages' contents) in UTF-8 bytes, checked before it is
+    # tokenized: tokenizing costs CPU time in proportion (seconds for a few MB), so the bound
+    # is on what a request may spend before the token limits can even be checked. 1 MiB is
+    # far more text than a 128k-token context holds.
+    max_prompt_bytes: int = 1024 * 1024
     # Stop strings are matched across every new token's text, each held back from the stream
     # until it cannot start one: their number and length cost every token of the request.
     max_stop_strings: int = 16

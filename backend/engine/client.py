@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, Callable
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.config import EngineConfig, RequestLimits
 from pagedserve.backend.engine.core import EngineCore, QueueCommands, relax_gc
 from pagedserve.backend.engine.messages import (
     AbortRequest,
@@ -361,6 +361,12 @@ class EngineClient:
         if self._error is not None:
             return str(self._error)
         return None if self._channel.is_alive else "the engine loop has ended"
+
+    @property
+    def limits(self) -> RequestLimits:
+        """The per-request bounds admission applies; the fronts check a prompt's size against
+        them before they tokenize it."""
+        return self._builder.limits
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._builder.tokenize(text, add_special_tokens)

@@ -14,12 +14,13 @@ aborts every engine request it holds when closed early.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from pagedserve.backend.config import RequestLimits
 from pagedserve.backend.engine.request import RequestOutputDelta
-from pagedserve.backend.errors import InvalidRequestError
+from pagedserve.backend.errors import InvalidRequestError, RequestTooLongError
 from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.server.translate import PromptInput
 
@@ -51,16 +52,80 @@ def checked_num_choices(n: int | None, num_prompts: int = 1) -> int:
     return n
 
 
-def prompt_token_ids(engine: EngineClient, prompt: PromptInput) -> list[int]:
+# Prompts up to this many UTF-8 bytes are tokenized on the event loop (well under a
+# millisecond); a larger one goes to a worker thread, as the tokenizer releases the interpreter
+# lock while it works: a megabyte takes seconds, which on the loop stalls every other stream.
+INLINE_TOKENIZE_BYTES = 16 * 1024
+
+
+def _utf8_size(text: str, limit: int) -> int:
+    """``text``'s UTF-8 size, without encoding it when its length alone settles the check
+    (a character is 1 to 4 bytes)."""
+    if len(text) > limit or 4 * len(text) <= limit:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _checked_size(field: str, texts: Sequence[str], limits: RequestLimits) -> int:
+    """The texts' UTF-8 size, refused over ``--max-prompt-bytes`` before any tokenizing."""
+    limit = limits.max_prompt_bytes
+    size = sum(_utf8_size(text, limit) for text in texts)
+    if size > limit:
+        raise RequestTooLongError(
+            field, f"the text is larger than this server's limit of {limit} bytes "
+            "(--max-prompt-bytes)"
+        )
+    return size
+
+
+async def _tokenizer_call(size: int, call: Callable[[], list[int]]) -> list[int]:
+    if size <= INLINE_TOKENIZE_BYTES:
+        return call()
+    return await asyncio.to_thread(call)
+
+
+async def tokenized(
+    engine: EngineClient, field: str, text: str, add_special_tokens: bool = True
+) -> list[int]:
+    """``text``'s ids, as the engine tokenizes a prompt, once its size is within bounds."""
+    size = _checked_size(field, [text], engine.limits)
+    return await _tokenizer_call(size, lambda: engine.tokenize(text, add_special_tokens))
+
+
+async def rendered_chat(
+    engine: EngineClient,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
+    """The messages through the chat template (``EngineClient.render_chat``), once the size of
+    their contents is within bounds."""
+    size = _checked_size(
+        "messages", [str(m.get("content", "")) for m in messages], engine.limits
+    )
+    return await _tokenizer_call(
+        size,
+        lambda: engine.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        ),
+    )
+
+
+async def prompt_token_ids(engine: EngineClient, prompt: PromptInput) -> list[int]:
     """The prompt's ids, computed once for all its choices: text tokenized and messages
-    rendered as the engine would (ids themselves are checked when each choice is admitted)."""
+    rendered as the engine would (ids themselves are checked when each choice is admitted).
+    Text over ``--max-prompt-bytes`` is refused untokenized; a large one is tokenized off the
+    event loop."""
     if prompt.messages is not None:
-        return engine.render_chat(prompt.messages)
+        return await rendered_chat(engine, prompt.messages)
     if prompt.prompt_token_ids is not None:
         return prompt.prompt_token_ids
     if not prompt.prompt:
         raise InvalidRequestError("prompt", "must not be empty")
-    ids = engine.tokenize(prompt.prompt)
+    ids = await tokenized(engine, "prompt", prompt.prompt)
     if not ids:  # e.g. only control characters the tokenizer drops
         raise InvalidRequestError("prompt", "tokenizes to no tokens")
     return ids

@@ -31,6 +31,7 @@ from pagedserve.backend.server.choices import (
     checked_num_choices,
     prompt_token_ids,
     submit_choices,
+    tokenized,
 )
 from pagedserve.backend.server.state import ServerState
 from pagedserve.backend.server.status import (
@@ -251,7 +252,7 @@ class GenerationServicer:
         prompt = prompt_input_from_proto(request)
         params = sampling_params_from_proto(request)
         n = checked_num_choices(request.n if request.HasField("n") else None)
-        prompt_ids = prompt_token_ids(engine, prompt)
+        prompt_ids = await prompt_token_ids(engine, prompt)
         trace.start_request(
             model=request.model,
             served_model=self._state.served_model_name,
@@ -334,7 +335,8 @@ class GenerationServicer:
             add_special = (
                 request.add_special_tokens if request.HasField("add_special_tokens") else True
             )
-            return pb.TokenizeResponse(token_ids=engine.tokenize(request.text, add_special))
+            token_ids = await tokenized(engine, "text", request.text, add_special)
+            return pb.TokenizeResponse(token_ids=token_ids)
         except Exception as error:
             await _abort(context, error)
 

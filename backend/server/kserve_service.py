@@ -23,7 +23,7 @@ import grpc
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta, RequestTimes
 from pagedserve.backend.errors import InvalidRequestError, RequestFailedError
 from pagedserve.backend.server import kserve_protocol as kp
-from pagedserve.backend.server.choices import ChoiceDelta, submit_choices
+from pagedserve.backend.server.choices import ChoiceDelta, submit_choices, tokenized
 from pagedserve.backend.server.kserve_convert import (
     FINAL_RESPONSE,
     STREAM,
@@ -49,6 +49,7 @@ from pagedserve.backend.server.status import (
     status_for,
 )
 from pagedserve.backend.server.wire import UndecodableRequest, tolerant_deserializer
+from pagedserve.backend.telemetry.tracing import NoTrace, RpcTrace
 
 if TYPE_CHECKING:
     from pagedserve.backend.engine.client import EngineClient
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = kp.SERVICE_NAME
+# The service's descriptors are in the protocol's own pool: the server's reflection reads it.
+DESCRIPTOR_POOL = kp.POOL
 _NO_REPOSITORY = "pagedserve serves the one model given at start-up; there is no model repository"
 _NO_SHARED_MEMORY = "shared-memory tensors are not supported; send tensors in the request"
 _NO_SETTINGS = "not adjustable over this protocol; set at start-up"
@@ -216,22 +219,36 @@ class KServeServicer:
         return engine, parse_infer_request(request, self._model_name)
 
     async def _deltas(
-        self, engine: EngineClient, request: InferRequest, completion: _Completion
+        self,
+        engine: EngineClient,
+        request: InferRequest,
+        completion: _Completion,
+        request_id: str,
+        trace: RpcTrace | NoTrace,
     ) -> AsyncGenerator[ChoiceDelta, None]:
         """Run ``request``'s choices in the engine, adding each delta to ``completion`` as it
         comes, then yielding it.
 
         Leaving the iteration early (client gone, stream cancelled) closes the engine's
-        iterators, which aborts every choice and frees its blocks.
+        iterators, which aborts every choice and frees its blocks. ``request_id`` is the engine
+        id of choice 0 (a KServe ``id`` need not be unique, so it is not the engine's).
         """
-        prompt_token_ids = engine.tokenize(request.prompt)
-        completion.start(request.n, len(prompt_token_ids))
         try:
+            prompt_token_ids = await tokenized(engine, "prompt", request.prompt)
+            completion.start(request.n, len(prompt_token_ids))
+            trace.start_request(
+                model=self._model_name,
+                served_model=self._model_name,
+                chat=False,
+                stream=request.stream,
+                params=request.params,
+            )
             choices = submit_choices(
-                engine, [prompt_token_ids], request.params, request.n, uuid.uuid4().hex
+                engine, [prompt_token_ids], request.params, request.n, request_id
             )
         except InvalidRequestError as error:
             raise _renamed_prompt_error(error) from None
+        trace.mark_admitted()
         try:
             async for choice in choices.deltas():
                 if choice.delta.finish_reason is FinishReason.ERROR:
@@ -242,12 +259,18 @@ class KServeServicer:
             await choices.aclose()
 
     async def _decoupled_responses(
-        self, engine: EngineClient, request: InferRequest, completion: _Completion
+        self,
+        engine: EngineClient,
+        request: InferRequest,
+        completion: _Completion,
+        request_id: str,
+        trace: RpcTrace | NoTrace,
     ) -> AsyncGenerator[Any, None]:
         """The ModelInferResponses of one request on a stream, each with its final flag."""
         names = {"model_name": self._model_name, "model_version": MODEL_VERSION}
         data_final = not request.empty_final_response
-        async with contextlib.aclosing(self._deltas(engine, request, completion)) as deltas:
+        deltas = self._deltas(engine, request, completion, request_id, trace)
+        async with contextlib.aclosing(deltas):
             async for choice in deltas:
                 if request.stream:
                     contents = completion.streamed(choice.index, choice.delta)
@@ -306,7 +329,9 @@ class KServeServicer:
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def _infer(self, request: Any) -> tuple[Any, RequestTimes | None]:
+    async def _infer(
+        self, request: Any, request_id: str, trace: RpcTrace | NoTrace
+    ) -> tuple[Any, RequestTimes | None]:
         """One unary request: the whole completion in one response."""
         engine, parsed = self._parse(request)
         if parsed.stream:
@@ -314,7 +339,8 @@ class KServeServicer:
                 STREAM, "true needs the streaming method ModelStreamInfer (decoupled model)"
             )
         completion = _Completion()
-        async with contextlib.aclosing(self._deltas(engine, parsed, completion)) as deltas:
+        deltas = self._deltas(engine, parsed, completion, request_id, trace)
+        async with contextlib.aclosing(deltas):
             async for _ in deltas:
                 pass
         response = build_response(
@@ -327,32 +353,47 @@ class KServeServicer:
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.monotonic()
-        try:
-            response, times = await self._infer(request)
-        except Exception as error:
-            if isinstance(error, grpc.aio.AbortError):
-                raise
-            self._stats.record_failure(time.monotonic() - started)
-            await _abort(context, error)
+        request_id = uuid.uuid4().hex
+        with self._state.telemetry.rpc(SERVICE_NAME, "ModelInfer", context, request_id) as trace:
+            try:
+                response, times = await self._infer(request, request_id, trace)
+            except Exception as error:
+                if isinstance(error, grpc.aio.AbortError):
+                    raise
+                self._stats.record_failure(time.monotonic() - started)
+                await _abort(context, error)
         self._stats.record_success(time.monotonic() - started, times)
         return response
 
-    async def _serve_stream_request(self, request: Any, out: asyncio.Queue[Any]) -> None:
-        """Run one request of a stream, putting its responses (or its error) on ``out``."""
+    async def _serve_stream_request(
+        self, request: Any, out: asyncio.Queue[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Run one request of a stream, putting its responses (or its error) on ``out``.
+
+        Each request of a stream has a SERVER span of its own (named after the method, child
+        of the stream's ``traceparent``), as a native Generate call has: the same phases and
+        attributes, ended with the status its in-band answer carries."""
         started = time.monotonic()
         completion = _Completion()
-        try:
-            engine, parsed = self._parse(request)
-            responses = self._decoupled_responses(engine, parsed, completion)
-            async with contextlib.aclosing(responses):
-                async for response in responses:
-                    await out.put(kp.ModelStreamInferResponse(infer_response=response))
-        except Exception as error:
-            self._stats.record_failure(time.monotonic() - started)
-            if status_for(error)[0] == grpc.StatusCode.INTERNAL:
-                logger.error("KServe stream request failed", exc_info=error)
-            await out.put(_stream_error(request, error))
-            return
+        request_id = uuid.uuid4().hex
+        telemetry = self._state.telemetry
+        with telemetry.rpc(SERVICE_NAME, "ModelStreamInfer", context, request_id) as trace:
+            try:
+                engine, parsed = self._parse(request)
+                responses = self._decoupled_responses(
+                    engine, parsed, completion, request_id, trace
+                )
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        await out.put(kp.ModelStreamInferResponse(infer_response=response))
+            except Exception as error:
+                self._stats.record_failure(time.monotonic() - started)
+                code, details = status_for(error)
+                trace.answer_in_band(code, details)
+                if code == grpc.StatusCode.INTERNAL:
+                    logger.error("KServe stream request failed", exc_info=error)
+                await out.put(_stream_error(request, error))
+                return
         self._stats.record_success(time.monotonic() - started, completion.times)
 
     async def ModelStreamInfer(
@@ -367,7 +408,7 @@ class KServeServicer:
 
         async def serve(request: Any) -> None:
             try:
-                await self._serve_stream_request(request, out)
+                await self._serve_stream_request(request, out, context)
             finally:
                 out.put_nowait(done)
 

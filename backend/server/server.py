@@ -8,7 +8,9 @@ thread of its own for tests and the in-process serving benchmark.
 
 Other services join through ``SERVICE_PLUGINS``: modules whose
 ``add_<name>_service(server, state) -> list[str]`` registers on the server and returns the full
-service names (they then show in reflection and follow the server's health).
+service names (they then show in reflection and follow the server's health). A module whose
+descriptors live outside protobuf's default pool names that pool ``DESCRIPTOR_POOL``, so that
+reflection describes its services and messages too.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -107,18 +111,24 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
         options=grpc_options(config), interceptors=security.server_interceptors(config)
     )
     names = add_generation_service(server, state)
+    default_pool = descriptor_pool.Default()
+    pools = dict.fromkeys(names, default_pool)
     for module_name, function_name in SERVICE_PLUGINS:
         if importlib.util.find_spec(module_name) is None:
             continue
+        module = importlib.import_module(module_name)
         add_service: Callable[[grpc.aio.Server, ServerState], Sequence[str]] = getattr(
-            importlib.import_module(module_name), function_name
+            module, function_name
         )
-        names.extend(add_service(server, state))
+        added = add_service(server, state)
+        names.extend(added)
+        pools.update(dict.fromkeys(added, getattr(module, "DESCRIPTOR_POOL", default_pool)))
     add_health_service(server, state.health)
     for name in names:
         await state.register_health_service(name)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    add_reflection_service(server, [*names, health_name, reflection.SERVICE_NAME])
+    pools.update(dict.fromkeys([health_name, reflection.SERVICE_NAME], default_pool))
+    add_reflection_service(server, pools)
     address = f"{config.host}:{config.port}"
     try:
         port = (
@@ -146,10 +156,45 @@ async def start_server(config: ServerConfig, state: ServerState) -> StartedServe
     return StartedServer(server, state, port, names, http)
 
 
-def add_reflection_service(server: grpc.aio.Server, names: Sequence[str]) -> None:
-    """grpc's reflection servicer behind the tolerant deserializer: a message that does not
-    parse ends the call with INVALID_ARGUMENT, not the generated handler's UNKNOWN."""
-    servicer = reflection.aio.ReflectionServicer(names)
+def reflection_pool(
+    pools: Mapping[str, descriptor_pool.DescriptorPool],
+) -> descriptor_pool.DescriptorPool:
+    """One pool holding the file of every service (``pools``: service name -> the pool its
+    descriptors live in) and the files those import.
+
+    grpc's reflection servicer answers from a single pool; the KServe classes live in a private
+    one (``kserve_protocol``), so the default pool alone would list their service but answer
+    NOT_FOUND for its file and messages, or, in a process that imported Triton's client too,
+    describe Triton's copy of the file rather than the one served."""
+    merged = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:  # a pool takes a file after its imports
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        merged.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for name, pool in pools.items():
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            raise LookupError(f"service {name} is not in its descriptor pool") from None
+        add(service.file)
+    return merged
+
+
+def add_reflection_service(
+    server: grpc.aio.Server, pools: Mapping[str, descriptor_pool.DescriptorPool]
+) -> None:
+    """grpc's reflection servicer for the services of ``pools`` (see ``reflection_pool``),
+    behind the tolerant deserializer: a message that does not parse ends the call with
+    INVALID_ARGUMENT, not the generated handler's UNKNOWN."""
+    servicer = reflection.aio.ReflectionServicer(list(pools), pool=reflection_pool(pools))
 
     async def info(
         requests: AsyncIterator[reflection_pb2.ServerReflectionRequest | UndecodableRequest],

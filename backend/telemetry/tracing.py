@@ -74,7 +74,7 @@ class RpcTrace:
 
     __slots__ = (
         "span", "context", "request_id", "_post", "begun", "admitted", "rpc_ended", "end_ns",
-        "end_time", "code", "details", "final", "deadline", "http", "http_status",
+        "end_time", "code", "details", "final", "deadline", "http", "http_status", "in_band",
     )
 
     def __init__(self, span: Span, request_id: str, post: Post, *, http: bool = False) -> None:
@@ -94,6 +94,8 @@ class RpcTrace:
         self.http = http
         # What the handler answered (``respond``); None at the end: the client went away.
         self.http_status: int | None = 200
+        # The status of a request answered inside a stream that goes on (``answer_in_band``).
+        self.in_band: tuple[grpc.StatusCode, str | None] | None = None
 
     def start_request(
         self, *, model: str, served_model: str, chat: bool, stream: bool, params: SamplingParams
@@ -129,6 +131,11 @@ class RpcTrace:
         """An HTTP handler's answer: its status (on a stream, that of an error sent in-band)."""
         self.http_status = status
         self.details = details
+
+    def answer_in_band(self, code: grpc.StatusCode, details: str | None) -> None:
+        """A request of a multiplexed stream (KServe ModelStreamInfer) failed with this status,
+        sent in a message while the call itself goes on: its span ends with it."""
+        self.in_band = (code, details)
 
     def end(self, code: grpc.StatusCode, details: str | None) -> None:
         self.end_ns = time.time_ns()
@@ -171,6 +178,9 @@ class NoTrace:
     def respond(self, status: int, details: str | None = None) -> None:
         pass
 
+    def answer_in_band(self, code: grpc.StatusCode, details: str | None) -> None:
+        pass
+
 
 NO_TRACE = NoTrace()
 
@@ -210,8 +220,9 @@ def rpc_span(
     context: grpc.aio.ServicerContext,
     request_id: str,
 ) -> Iterator[RpcTrace | NoTrace]:
-    """The SERVER span of one RPC, child of the caller's ``traceparent``; ended (from the
-    telemetry thread) with the status the client saw."""
+    """The SERVER span of one RPC (or of one request multiplexed on a stream), child of the
+    caller's ``traceparent``; ended (from the telemetry thread) with the status the client saw:
+    the call's, or the request's in-band one (``answer_in_band``)."""
     span = tracer.start_span(
         f"{service}/{method}",
         context=propagate.extract(_carrier(context)),
@@ -227,7 +238,7 @@ def rpc_span(
     except BaseException as error:
         trace.end(*_outcome(error, context))
         raise
-    trace.end(*_outcome(None, context))
+    trace.end(*(trace.in_band or _outcome(None, context)))
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from aiohttp import web
 
 from pagedserve.backend.errors import InvalidRequestError
 from pagedserve.backend.sampling_params import SamplingParams
-from pagedserve.backend.server.choices import Choices, submit_choices
+from pagedserve.backend.server.choices import Choices, rendered_chat, submit_choices, tokenized
 from pagedserve.backend.server.openai import sse
 from pagedserve.backend.server.openai.errors import ApiError, api_error, renamed
 from pagedserve.backend.server.openai.protocol import Generation, parse_chat, parse_completion
@@ -115,12 +115,13 @@ class OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, CHAT_COMPLETIONS, "chatcmpl", self._chat_job)
 
-    def _completion_job(self, data: Any, engine: EngineClient, response_id: str) -> _Job:
+    async def _completion_job(self, data: Any, engine: EngineClient, response_id: str) -> _Job:
         parsed = parse_completion(data)
         generation = parsed.generation
         self._check_model(generation.model)
         prompts = [
-            engine.tokenize(p) if isinstance(p, str) else p for p in parsed.prompts
+            await tokenized(engine, "prompt", p) if isinstance(p, str) else p
+            for p in parsed.prompts
         ]
         echoed = None
         if parsed.echo:
@@ -134,12 +135,13 @@ class OpenAIRoutes:
         )
         return _Job(generation, engine, prompts, generation.params, renderer, chat=False)
 
-    def _chat_job(self, data: Any, engine: EngineClient, response_id: str) -> _Job:
+    async def _chat_job(self, data: Any, engine: EngineClient, response_id: str) -> _Job:
         parsed = parse_chat(data)
         generation = parsed.generation
         self._check_model(generation.model)
         try:
-            prompt = engine.render_chat(
+            prompt = await rendered_chat(
+                engine,
                 parsed.messages,
                 add_generation_prompt=parsed.add_generation_prompt,
                 continue_final_message=parsed.continue_final_message,
@@ -160,14 +162,14 @@ class OpenAIRoutes:
         request: web.Request,
         route: str,
         prefix: str,
-        make_job: Callable[[Any, EngineClient, str], _Job],
+        make_job: Callable[[Any, EngineClient, str], Awaitable[_Job]],
     ) -> web.StreamResponse:
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         telemetry = self._state.telemetry
         with telemetry.http("POST", route, request.headers, response_id, request.scheme) as trace:
             try:
                 engine = self._serving_engine()
-                job = make_job(await _json_body(request), engine, response_id)
+                job = await make_job(await _json_body(request), engine, response_id)
                 generation = job.generation
                 trace.start_request(
                     model=generation.model,
