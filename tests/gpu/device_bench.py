@@ -630,6 +630,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stages", default="parity-fp32,parity-bf16,bench-1b,bench-8b")
     parser.add_argument("--trained-gguf", type=Path, help="GGUF checkpoint for parity-bf16-trained")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="bench stages without transformers' run (rooflines only)")
     parser.add_argument("--smoke", action="store_true",
                         help="the MoE bench stage on the CPU with a tiny model (no other stage)")
     args = parser.parse_args()
@@ -670,11 +672,15 @@ def main() -> int:
                     name, args.tokenizer, work, ceilings, overlap=False, with_peer=False
                 )
             if stage in stages:
-                results[stage] = stage_bench(name, args.tokenizer, work, ceilings)
+                results[stage] = stage_bench(
+                    name, args.tokenizer, work, ceilings, with_peer=not args.no_peer
+                )
                 (args.out / "results.json").write_text(json.dumps(results, indent=2))
         for stage, name in (("bench-qwen3-8b", "qwen3-8b"), ("bench-qwen3-30b-a3b", "qwen3-30b-a3b")):
             if stage in stages:
-                results[stage] = stage_bench(name, args.tokenizer, work, ceilings)
+                results[stage] = stage_bench(
+                    name, args.tokenizer, work, ceilings, with_peer=not args.no_peer
+                )
                 (args.out / "results.json").write_text(json.dumps(results, indent=2))
         if "bench-moe-smoke" in stages:
             results["bench-moe-smoke"] = stage_bench(
