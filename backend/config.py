@@ -106,16 +106,16 @@ class RequestLimits:
     # fails for a value the client did not send); as large as the context means "until the
     # context is full", the natural end of an unbounded request.
     default_max_tokens: int = 16
+    # Stop strings are matched across every new token's text, each held back from the stream
+    # until it cannot start one: their number and length cost every token of the request.
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
 
     def __post_init__(self) -> None:
         if self.default_max_tokens < 1:
             raise ValueError(
                 f"--default-max-tokens must be at least 1, got {self.default_max_tokens}"
             )
-    # Stop strings are matched across every new token's text, each held back from the stream
-    # until it cannot start one: their number and length cost every token of the request.
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
 
 
 @dataclass
