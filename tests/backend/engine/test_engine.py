@@ -127,6 +127,22 @@ def test_unset_max_tokens_takes_the_default_cut_to_the_room_left(llm) -> None:
     )
 
 
+def test_chat_renders_the_template_for_one_or_several_conversations(llm) -> None:
+    hello = [{"role": "user", "content": "Hello"}]
+    briefly = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    rendered = [llm.engine.builder.render_chat(c) for c in (hello, briefly)]
+    expected = llm.generate(prompt_token_ids=rendered, sampling_params=params)
+    (one,) = llm.chat(hello, params)
+    assert one.prompt_token_ids == rendered[0] and one.token_ids == expected[0].token_ids
+    both = llm.chat([hello, briefly], params)
+    assert [o.prompt_token_ids for o in both] == rendered
+    assert [o.token_ids for o in both] == [o.token_ids for o in expected]
+    for bad in ([], [hello[0], hello], [{"role": "robot", "content": "beep"}]):
+        with pytest.raises(InvalidRequestError):
+            llm.chat(bad, params)
+
+
 def test_a_default_max_tokens_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="--default-max-tokens"):
         RequestLimits(default_max_tokens=0)
