@@ -287,6 +287,7 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("frequency_penalty", -2.5),
     ("seed", -1),
     ("max_tokens", 0),
+    ("max_tokens", -2),  # -1 is "unset"; no other value below 1
     ("min_tokens", -1),
     ("stop", ["ok", ""]),
     ("stop_token_ids", [VOCAB]),
