@@ -137,6 +137,15 @@ def test_unset_fields_mean_engine_defaults(client: GenerationClient) -> None:
     assert list(a.token_ids) == list(b.token_ids)
 
 
+def test_unset_max_tokens_on_a_nearly_full_context_gets_the_room_left(
+    client: GenerationClient,
+) -> None:
+    context = client.model_info().context_length
+    response = client.complete(prompt_token_ids=[5] * (context - 3), ignore_eos=True)
+    assert response.usage.completion_tokens == 3
+    assert response.finish_reason == pb.FINISH_REASON_LENGTH
+
+
 def test_stop_token_ends_the_stream_with_stop(client: GenerationClient) -> None:
     free = client.complete("Count with me:", max_tokens=10, temperature=0.0, ignore_eos=True)
     stop_at = free.token_ids[3]
