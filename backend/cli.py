@@ -1,22 +1,81 @@
-"""The ``pagedserve`` command: serve | generate | chat | bench.
+"""The ``pagedserve`` command.
 
 Engine flags are mapped onto the config dataclasses in ``config.py`` (one source of defaults);
-each subcommand lives in the module that owns its job and registers its parser here.
+each subcommand lives in the module that owns its job and registers its parser here. A user's
+mistake (a bad path, a missing GPU, a busy port) ends the command with one line naming the
+cause and the fix, and a non-zero exit; ``--log-level DEBUG`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, fields
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.errors import ModelLoadError, PagedServeError
+
+DESCRIPTION = (
+    "pagedserve: an LLM inference server (gRPC, KServe v2 and an OpenAI-compatible HTTP API) "
+    "with continuous batching and paged attention, and the tools around it. Without --model "
+    "every command uses the embedded SmolLM2-135M-Instruct. `pagedserve COMMAND --help` "
+    "describes a command's flags and their defaults."
+)
+# Exit codes: a failure, and Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MODEL_HINT = (
+    "--model takes a local Hugging Face model directory with config.json, tokenizer files and "
+    "*.safetensors; leave it out for the embedded default model"
+)
+# What a model-loading error says when --model points at the wrong place.
+_PATH_WORDS = ("directory", "config.json", "tokenizer", "safetensors")
+logger = logging.getLogger("pagedserve.cli")
 
 # Engine flags: dataclass field -> CLI flag, generated from the config dataclasses.
 _ENGINE_SECTIONS = [type(s) for s in EngineConfig().sections()[1:]]
 _SKIP_FIELDS = {"hf_overrides"}
+# Each engine flag's help; its default is the dataclass's, shown beside it.
+ENGINE_FLAG_HELP: Mapping[str, str] = {
+    "model": "local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct, "
+    "a Q4_1 GGUF dequantized once to float32 safetensors under --cache-dir)",
+    "served_model_name": "the name clients address the model by (default: the directory's name)",
+    "load_format": "auto: safetensors, else PyTorch .bin files; dummy: random weights (tests)",
+    "dtype": "weights and activations; auto: float32 on CPU, bfloat16 on a GPU",
+    "device": "auto: cuda when torch sees a GPU, else cpu",
+    "seed": "seed of the engine's random state (dummy weights, unseeded sampling)",
+    "max_model_len": "longest prompt + output in tokens (default: the model config's)",
+    "cache_dir": "where the default model is converted to (default: $PAGEDSERVE_CACHE_DIR, "
+    "else ~/.cache/pagedserve)",
+    "block_size": "tokens per KV cache block",
+    "num_blocks": "KV cache blocks (default: sized from --gpu-memory-utilization on CUDA, "
+    "--cpu-kv-cache-gib on CPU)",
+    "gpu_memory_utilization": "share of the GPU's memory the engine may fill, KV cache included",
+    "cpu_kv_cache_gib": "KV cache size on CPU",
+    "enable_prefix_caching": "reuse the KV blocks of prompt prefixes seen before",
+    "max_num_batched_tokens": "tokens one engine step computes at most (prefill chunks and "
+    "decodes together)",
+    "max_num_seqs": "requests running at once",
+    "max_queued_requests": "requests waiting for a running slot; one more is refused at once "
+    "(RESOURCE_EXHAUSTED, HTTP 429) rather than queued without bound",
+    "admission_group": "at saturation, waiting requests join in groups of this many (fewer "
+    "prefill steps between graph replays); 1 admits each at once",
+    "max_admission_wait_s": "longest a waiting request is held back to fill its group",
+    "tensor_parallel_size": "GPUs the model is split over, one process each",
+    "distributed_timeout_s": "bound on joining the tensor-parallel group and each collective",
+    "worker_heartbeat_interval_s": "how often tensor-parallel workers report to rank 0",
+    "worker_heartbeat_timeout_s": "a worker silent this long is taken for dead",
+    "max_prompt_tokens": "refuse longer prompts (default: only the context bounds them)",
+    "max_output_tokens": "refuse a larger max_tokens (default: only the context bounds it)",
+    "default_max_tokens": "max_tokens of a request that sets none, cut to the room its prompt "
+    "leaves, so it never fails for a value the client did not send",
+    "max_stop_strings": "stop strings one request may give",
+    "max_stop_string_chars": "longest stop string",
+}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -29,26 +88,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             default: Any = f.default if f.default is not MISSING else None
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+            helped: dict[str, Any] = {"default": default, "help": ENGINE_FLAG_HELP[f.name]}
             if kind == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **helped)
             elif kind == "int":
-                group.add_argument(flag, type=int, default=default)
+                group.add_argument(flag, type=int, **helped)
             elif kind == "float":
-                group.add_argument(flag, type=float, default=default)
+                group.add_argument(flag, type=float, **helped)
             elif kind in ("int | None",):
-                group.add_argument(flag, type=int, default=default)
+                group.add_argument(flag, type=int, **helped)
             elif kind == "LoadFormat":
                 from pagedserve.backend.config import LoadFormat
 
-                group.add_argument(flag, choices=get_args(LoadFormat), default=default)
+                group.add_argument(flag, choices=get_args(LoadFormat), **helped)
             elif kind == "DType":
                 from pagedserve.backend.config import DType
 
-                group.add_argument(flag, choices=get_args(DType), default=default)
+                group.add_argument(flag, choices=get_args(DType), **helped)
             else:
-                group.add_argument(flag, default=default)
+                group.add_argument(flag, **helped)
     parser.add_argument(
-        "--no-cuda-graphs", dest="enable_cuda_graphs", action="store_false", default=True
+        "--no-cuda-graphs", dest="enable_cuda_graphs", action="store_false", default=True,
+        help="run decode batches eagerly instead of replaying captured CUDA graphs",
     )
     parser.add_argument(
         "--overlap-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -70,7 +131,54 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kwargs[f.name] = value
     kwargs["enable_cuda_graphs"] = args.enable_cuda_graphs
     kwargs["overlap_scheduling"] = args.overlap_scheduling
+    check_device_available(kwargs.get("device", "auto"))
     return EngineConfig.from_kwargs(**kwargs)
+
+
+class DeviceUnavailableError(PagedServeError, ValueError):
+    """``--device`` names a device this machine or torch build does not have."""
+
+
+def check_device_available(device: str) -> None:
+    """Fail before loading anything when ``--device cuda`` cannot work here."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise DeviceUnavailableError(
+            f"--device {device}: torch {torch.__version__} ({build}) sees no CUDA GPU; "
+            "use --device cpu, or --device auto to take a GPU when there is one"
+        )
+
+
+def add_log_level_arg(parser: argparse.ArgumentParser, default: str = "WARNING") -> None:
+    parser.add_argument(
+        "--log-level", default=default, choices=LOG_LEVELS,
+        help="DEBUG also logs the traceback of a failure",
+    )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default after its help, unless there is none to show (None, a
+    plain switch: its help says what giving it does) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        shown = action.option_strings and not switch and action.default is not None
+        if shown and action.default is not argparse.SUPPRESS and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's parser: the defaults shown in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -84,8 +192,13 @@ def _registrations() -> list[Register]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="pagedserve", description=DESCRIPTION)
+    # The commands' parsers are Parsers too (argparse makes them of the parent's class), so
+    # every command shows its defaults; the registrations need only the ArgumentParser API.
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands"),
+    )
     for register in _registrations():
         register(sub)
     return parser
@@ -94,8 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result = args.func(args)
-    return int(result or 0)
+    log_level = getattr(args, "log_level", None)
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: how a user stops a command, not a failure to report
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except (PagedServeError, OSError, ValueError) as error:
+        logger.debug("pagedserve %s failed", args.command, exc_info=error)
+        print(f"pagedserve {args.command}: error: {describe(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def describe(error: BaseException) -> str:
+    """One line for the user: the cause, and where the error alone does not say it, the fix."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ModelLoadError) and any(word in text for word in _PATH_WORDS):
+        return f"{text}; {MODEL_HINT}"
+    return text
 
 
 if __name__ == "__main__":

@@ -107,10 +107,20 @@ class RequestLimits:
     # is on what a request may spend before the token limits can even be checked. 1 MiB is
     # far more text than a 128k-token context holds.
     max_prompt_bytes: int = 1024 * 1024
+    # max_tokens of a request that sets none, cut to the room its prompt leaves (so it never
+    # fails for a value the client did not send); as large as the context means "until the
+    # context is full", the natural end of an unbounded request.
+    default_max_tokens: int = 16
     # Stop strings are matched across every new token's text, each held back from the stream
     # until it cannot start one: their number and length cost every token of the request.
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens < 1:
+            raise ValueError(
+                f"--default-max-tokens must be at least 1, got {self.default_max_tokens}"
+            )
 
 
 @dataclass

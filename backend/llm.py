@@ -1,4 +1,5 @@
-"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``, and
+``LLM(model).chat(messages)`` for conversations through the model's chat template.
 
 The offline ``LLM`` is the engine core's client when no server runs: it admits requests (builds
 and validates them, ids are its own) and steps the core in the calling thread.
@@ -6,7 +7,7 @@ and validates them, ids are its own) and steps the core in the calling thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pagedserve.backend.config import EngineConfig
@@ -18,7 +19,7 @@ from pagedserve.backend.engine.request import (
     RequestOutputDelta,
     TokenLogprob,
 )
-from pagedserve.backend.errors import RequestFailedError
+from pagedserve.backend.errors import InvalidRequestError, RequestFailedError
 from pagedserve.backend.sampling_params import SamplingParams
 
 
@@ -103,6 +104,32 @@ class LLM:
                 progress.close()
         return [_assemble(r, collected[r.request_id]) for r in requests]
 
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """The reply to one conversation (a list of ``{"role", "content"}`` messages) or to
+        each of several, rendered by the model's chat template as the servers render theirs;
+        results in input order. InvalidRequestError for a bad role or a model without a
+        template."""
+        conversations = _conversations(messages)
+        ids = [
+            self.engine.builder.render_chat(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+            for conversation in conversations
+        ]
+        return self.generate(
+            sampling_params=sampling_params, prompt_token_ids=ids, use_tqdm=use_tqdm
+        )
+
     def stream(
         self,
         prompt: str | None = None,
@@ -124,6 +151,22 @@ class LLM:
                             return
         finally:
             self.engine.abort(request.request_id)
+
+
+def _conversations(
+    messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+) -> list[list[dict[str, str]]]:
+    """One conversation or several, as lists of plain message dicts."""
+    if not messages:
+        raise InvalidRequestError("messages", "must not be empty")
+    singles = [m for m in messages if isinstance(m, Mapping)]
+    if len(singles) == len(messages):
+        return [[dict(m) for m in singles]]
+    if singles:
+        raise InvalidRequestError(
+            "messages", "give one conversation (messages) or a list of them, not a mix"
+        )
+    return [[dict(m) for m in c] for c in messages if not isinstance(c, Mapping)]
 
 
 def _assemble(request: Request, deltas: list[RequestOutputDelta]) -> RequestOutput:

@@ -10,27 +10,28 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pagedserve.backend.cli import add_engine_args, engine_config_from_args
+from pagedserve.backend.cli import add_engine_args, add_log_level_arg, engine_config_from_args
+from pagedserve.clients.cli import add_sampling_args
 from pagedserve.clients.security import add_connection_args
 
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+# One answer's budget for `generate`.
+GENERATE_MAX_TOKENS = 128
 
 
 def register_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate text for one prompt, streamed as it arrives")
-    p.add_argument("prompt")
+    p = sub.add_parser(
+        "generate", help="generate text for one prompt, streamed as it arrives",
+        description="Generate a reply to one prompt, here (the model loads in this process) or "
+        "on a running server (--server). Ctrl-C stops it.",
+    )
+    p.add_argument("prompt", help="the prompt; a chat message unless --raw")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat message")
     p.add_argument(
         "--server", default=None, metavar="HOST:PORT",
         help="ask a running pagedserve server instead of loading the model here",
     )
-    add_sampling_args(p)
+    add_sampling_args(p, max_tokens=GENERATE_MAX_TOKENS)
+    add_log_level_arg(p)
     add_connection_args(p, note="with --server")
     add_engine_args(p)
     p.set_defaults(func=run_generate)
@@ -89,18 +90,21 @@ class BenchResult:
 
 
 def register_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmarks")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    p = sub.add_parser("bench", help="benchmarks: offline throughput, or load on a server")
+    bench_sub = p.add_subparsers(
+        dest="bench_command", required=True, metavar="BENCHMARK", title="benchmarks"
+    )
     off = bench_sub.add_parser("offline", help="offline throughput, beside transformers")
-    off.add_argument("--num-requests", type=int, default=32)
-    off.add_argument("--input-len", type=int, default=128)
-    off.add_argument("--output-len", type=int, default=64)
+    off.add_argument("--num-requests", type=int, default=32, help="requests in the batch")
+    off.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    off.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     off.add_argument(
         "--peer", choices=["transformers", "transformers-cb", "none"], default="transformers",
         help="transformers: batched generate(); transformers-cb: its continuous batching "
         "(generate_batch); none: pagedserve only",
     )
     off.add_argument("--json", dest="json_out", default=None, help="write results to this file")
+    add_log_level_arg(off)
     add_engine_args(off)
     off.set_defaults(func=run_bench_offline)
     for register in _extra_bench_registrations():

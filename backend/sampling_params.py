@@ -18,6 +18,14 @@ MAX_TOP_K = 2**31 - 1
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # A logit bias is added to the token's logit: -100 bans it in practice, +100 all but forces it.
 MAX_LOGIT_BIAS = 100.0
+# ``max_tokens`` the client left unset: admission replaces it with the engine's
+# ``--default-max-tokens``, cut to the room the prompt leaves, so a value the client never sent
+# cannot make its request fail.
+MAX_TOKENS_UNSET = -1
+# The one default temperature of every front and CLI: 1.0 samples from the model's own
+# distribution, as OpenAI's API, vLLM and transformers' sampling do; greedy decoding (0) is
+# reproducible but loops on long answers, so it is asked for, never assumed.
+DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass
@@ -29,10 +37,13 @@ class SamplingParams:
     follow the common definitions: ``repetition_penalty`` divides positive logits (multiplies
     negative ones) of every token seen in prompt or output; ``presence_penalty`` and
     ``frequency_penalty`` subtract from tokens already generated.
+
+    ``max_tokens`` left at ``MAX_TOKENS_UNSET`` becomes the engine's default at admission
+    (``RequestLimits.default_max_tokens``, at most what the context and cache leave).
     """
 
-    max_tokens: int = 16
-    temperature: float = 1.0
+    max_tokens: int = MAX_TOKENS_UNSET
+    temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
@@ -77,7 +88,9 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or (
+            self.max_tokens < 1 and self.max_tokens != MAX_TOKENS_UNSET
+        ):
             raise InvalidRequestError("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= FLOAT32_MAX:  # also rejects NaN and inf
             raise InvalidRequestError(
@@ -108,7 +121,7 @@ class SamplingParams:
             raise InvalidRequestError("seed", f"must be in [0, 2^63), got {self.seed}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise InvalidRequestError("min_tokens", f"must be >= 0, got {self.min_tokens}")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens != MAX_TOKENS_UNSET and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 "min_tokens", f"must not exceed max_tokens ({self.min_tokens} > {self.max_tokens})"
             )

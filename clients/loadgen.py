@@ -505,9 +505,9 @@ def register_bench_serve(bench_sub: Any) -> None:
         help="with --api openai --server: the same server's gRPC port, asked for the model's "
         "vocabulary and name (OpenAI's API does not tell them)",
     )
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=32, help="requests to send")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     p.add_argument(
         "--range-ratio", type=float, default=0.0,
         help="random lengths in [len*(1-r), len*(1+r)]; 0 keeps them fixed",
@@ -523,7 +523,10 @@ def register_bench_serve(bench_sub: Any) -> None:
     p.add_argument(
         "--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)"
     )
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument(
+        "--max-concurrency", type=int, default=None,
+        help="requests in flight at most (default: no bound)",
+    )
     p.add_argument(
         "--compare-offline", action="store_true",
         help="also run bench offline's pagedserve measurement on the same workload",
@@ -536,7 +539,10 @@ def register_bench_serve(bench_sub: Any) -> None:
         "--repeat", type=int, default=1,
         help="rounds on fresh prompts (in-process only); the best round is reported",
     )
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="a progress bar on stderr",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write the report to this file")
     add_connection_args(p, note="with --server")
     add_engine_args(p)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pagedserve.backend.config import RequestLimits
 from pagedserve.backend.errors import InvalidRequestError, RequestTooLongError
-from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.sampling_params import MAX_TOKENS_UNSET, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -316,6 +316,7 @@ class RequestBuilder:
                 raise InvalidRequestError(
                     "prompt_token_ids", f"ids must be in [0, {self.vocab_size}); got {bad[0]}"
                 )
+        params = self._with_default_max_tokens(params, len(prompt_token_ids))
         params.validate(self.vocab_size)
         self._check_limits(len(prompt_token_ids), params)
         self._check_fits(len(prompt_token_ids), params.max_tokens)
@@ -325,6 +326,15 @@ class RequestBuilder:
             params=params,
             eos_token_ids=self.eos_token_ids,
         )
+
+    def _with_default_max_tokens(self, params: SamplingParams, num_prompt: int) -> SamplingParams:
+        """``params`` with an unset max_tokens replaced by the default (at least min_tokens),
+        cut to the room the prompt leaves: a value the client never sent must not be what
+        refuses its request. A copy, as one params object may serve several prompts."""
+        if params.max_tokens != MAX_TOKENS_UNSET:
+            return params
+        wanted = max(self.limits.default_max_tokens, params.min_tokens)
+        return replace(params, max_tokens=min(wanted, self.room_for_output(num_prompt)))
 
     def _check_limits(self, num_prompt: int, params: SamplingParams) -> None:
         """The server's per-request bounds (``RequestLimits``), beyond what the model allows."""

@@ -225,7 +225,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "it starts on its host)",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=LOG_LEVELS
+        "--log-level", default="INFO", choices=LOG_LEVELS,
+        help="DEBUG also logs the traceback of a failure",
     )
 
 

@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default=defaults.host, help="address to listen on")
+    group.add_argument(
+        "--host", default=defaults.host,
+        help="address the gRPC and HTTP ports listen on (0.0.0.0: every interface; "
+        "127.0.0.1 keeps them to this machine)",
+    )
     group.add_argument(
         "--port", type=int, default=defaults.port, help="the gRPC port; 0 picks a free port"
     )
@@ -58,7 +62,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="calls one connection may have open at once; more wait for a free one",
     )
     group.add_argument(
-        "--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup
+        "--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup,
+        help="run one short generation through the whole path before health says SERVING",
     )
     group.add_argument(
         "--stream-interval",

@@ -14,6 +14,9 @@ Clients written for a Triton + vLLM deployment work unchanged:
 - ``return_finish_reason``, ``return_num_input_tokens``, ``return_num_output_tokens``
   (BOOL [1]): add the ``finish_reason`` (BYTES, ``"None"`` until the last response),
   ``num_input_tokens`` and ``num_output_tokens`` (UINT32; tokens in this response) outputs.
+- Sampling parameters are ``SUPPORTED_SAMPLING_PARAMETERS``; any other name set, ``logprobs`` and
+  ``detokenize`` included (no output tensor carries logprobs or token ids), is refused with that
+  list rather than ignored.
 - ``n`` (a sampling parameter, default 1): choices for the prompt, prefilled once. Every
   response then carries ``text_output``, ``finish_reason`` and ``num_output_tokens`` of shape
   ``[n]``, one entry per choice: a streamed response holds one choice's delta and empty
@@ -44,7 +47,7 @@ from pagedserve.backend.server.kserve_tensors import (
     encode_raw_bytes,
     encode_raw_uint32,
 )
-from pagedserve.backend.server.translate import Coercion, build_sampling_params
+from pagedserve.backend.server.translate import SAMPLING_FIELDS, Coercion, build_sampling_params
 
 TEXT_INPUT = "text_input"
 STREAM = "stream"
@@ -79,6 +82,11 @@ PROTOCOL_PARAMETERS = frozenset(
     }
 )
 _RESERVED_PREFIX = "triton_"
+# Engine sampling fields whose effect no output tensor of this model could show.
+_UNSUPPORTED_SAMPLING_FIELDS = frozenset({"logprobs", "detokenize"})
+SUPPORTED_SAMPLING_PARAMETERS: tuple[str, ...] = tuple(
+    sorted((set(SAMPLING_FIELDS) - _UNSUPPORTED_SAMPLING_FIELDS) | {"n"})
+)
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,18 @@ def _num_choices(value: Any) -> int:
     return checked_num_choices(value)
 
 
+def _refuse_unsupported(values: Mapping[str, Any]) -> None:
+    """A parameter this API would ignore is an error: the client must not believe it took.
+    A null value is an absent one, as everywhere in the translation."""
+    for name, value in values.items():
+        if name not in SUPPORTED_SAMPLING_PARAMETERS and value is not None:
+            raise InvalidRequestError(
+                name,
+                "is not a supported sampling parameter of this model "
+                f"(supported: {', '.join(SUPPORTED_SAMPLING_PARAMETERS)})",
+            )
+
+
 def _sampling_params(
     request: Any, inputs: Mapping[str, DecodedInput]
 ) -> tuple[SamplingParams, int]:
@@ -209,6 +229,7 @@ def _sampling_params(
         values = _sampling_values_from_json(inputs[SAMPLING_PARAMETERS].values[0])
     else:
         values = _sampling_values_from_parameters(request.parameters)
+    _refuse_unsupported(values)
     n = _num_choices(values.pop("n", None))
     return build_sampling_params(values, coercion=Coercion.TEXT), n
 

@@ -38,7 +38,10 @@ def add_telemetry_args(parser: argparse.ArgumentParser) -> None:
         "--no-metrics", dest="metrics_port", action="store_const", const=None,
         help="serve no metrics",
     )
-    group.add_argument("--metrics-host", default=defaults.metrics_host)
+    group.add_argument(
+        "--metrics-host", default=defaults.metrics_host,
+        help="address the metrics endpoint listens on (0.0.0.0: every interface)",
+    )
 
 
 def telemetry_config_from_args(args: argparse.Namespace) -> TelemetryConfig:

@@ -6,6 +6,12 @@ configuration and the prefix-cache counters are read from the engine's load snap
 Prometheus scrapes, so they cost the hot path nothing. Every series carries the served model's
 name in ``model_name``.
 
+Every Generate and Complete RPC is counted by the status its client saw
+(``pagedserve_requests_total``), refused ones included: a request rejected at admission never
+finishes in the engine, so ``pagedserve_requests_finished_total`` cannot count it. The
+registry also carries the process's own series (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ``process_open_fds``, ...; Linux) under their standard names.
+
 The gauges are also what an inference gateway's endpoint picker scrapes to route requests (the
 Gateway API Inference Extension's model server protocol): queued requests, running requests,
 KV-cache utilisation as a 0-1 fraction, and a ``cache_config_info``-style gauge whose labels
@@ -21,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
 PREFIX = "pagedserve"
 MODEL_LABEL = "model_name"
 REASON_LABEL = "finish_reason"
+METHOD_LABEL = "method"
+CODE_LABEL = "code"
 # Autoscalers (deploy/k8s KEDA and HPA, deploy/kserve) and the endpoint picker
 # (deploy/k8s/inference-gateway) query these names: keep them.
 WAITING_GAUGE = f"{PREFIX}_num_requests_waiting"
@@ -146,8 +155,13 @@ class ServingMetrics:
             f"{PREFIX}_requests_finished", "Finished requests by finish reason.",
             [MODEL_LABEL, REASON_LABEL], registry=r,
         )
+        self._requests = Counter(
+            f"{PREFIX}_requests", "RPCs by method and the gRPC status their client saw "
+            "(refusals included).", [MODEL_LABEL, METHOD_LABEL, CODE_LABEL], registry=r,
+        )
         self._load = _LoadCollector()
         r.register(self._load)
+        ProcessCollector(registry=r)
         self._last_token: dict[str, float] = {}
 
     def bind(self, model: ModelInfo, load: LoadSource) -> None:
@@ -167,6 +181,12 @@ class ServingMetrics:
         self._finished_m = {r: self._finished.labels(model_name, r.value) for r in FinishReason}
         for series in (*self._finished_m.values(), self._preemptions_m):
             series.inc(0)  # every series exists from the start, at zero
+
+    def on_rpc_end(self, method: str, code: grpc.StatusCode) -> None:
+        """One RPC answered (from the event loop: a counter is thread-safe). Before ``bind``
+        the model's name is not known yet; those RPCs (UNAVAILABLE while loading) count under
+        an empty one."""
+        self._requests.labels(self._load.model_name, method, code.name).inc()
 
     def on_step(self, info: StepInfo) -> None:
         if info.num_preempted:

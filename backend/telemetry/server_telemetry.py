@@ -10,8 +10,8 @@ which exports every span still open.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import grpc
@@ -27,6 +27,7 @@ from pagedserve.backend.telemetry.tracing import (
     http_span,
     rpc_span,
 )
+from pagedserve.backend.telemetry.tracing import _outcome as rpc_outcome  # the span's own status
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -136,10 +137,30 @@ class ServerTelemetry:
     def rpc(
         self, service: str, method: str, context: grpc.aio.ServicerContext, request_id: str
     ) -> AbstractContextManager[RpcTrace | NoTrace]:
-        """The RPC's SERVER span for the ``with`` block around the handler's body."""
-        if self._tracer is None or self._observer is None:
-            return nullcontext(NO_TRACE)
-        return rpc_span(self._tracer, self._observer.post, service, method, context, request_id)
+        """The RPC's SERVER span for the ``with`` block around the handler's body; the RPC is
+        counted by its status whether or not it is traced."""
+        span: AbstractContextManager[RpcTrace | NoTrace] = nullcontext(NO_TRACE)
+        if self._tracer is not None and self._observer is not None:
+            span = rpc_span(self._tracer, self._observer.post, service, method, context, request_id)
+        if self.metrics is None:
+            return span
+        return self._counted(span, method, context)
+
+    @contextmanager
+    def _counted(
+        self,
+        span: AbstractContextManager[RpcTrace | NoTrace],
+        method: str,
+        context: grpc.aio.ServicerContext,
+    ) -> Iterator[RpcTrace | NoTrace]:
+        assert self.metrics is not None
+        try:
+            with span as trace:
+                yield trace
+        except BaseException as error:
+            self.metrics.on_rpc_end(method, rpc_outcome(error, context)[0])
+            raise
+        self.metrics.on_rpc_end(method, rpc_outcome(None, context)[0])
 
     def http(
         self, method: str, route: str, headers: Mapping[str, str], request_id: str, scheme: str

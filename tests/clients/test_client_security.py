@@ -65,7 +65,8 @@ def _expected(server: BackgroundServer, pki: Pki, prompt: str, max_tokens: int) 
 def test_generate_with_the_connection_flags(mtls_key_server: BackgroundServer, pki: Pki) -> None:
     address = mtls_key_server.address
     expected = _expected(mtls_key_server, pki, "Hello", 8)
-    command = ["generate", "--server", address, "--max-tokens", "8", *tls_flags(pki), "Hello"]
+    command = ["generate", "--server", address, "--max-tokens", "8", "--temperature", "0",
+               *tls_flags(pki), "Hello"]
     from_env = run_cli(*command, key=KEY)
     assert from_env.returncode == 0, from_env.stderr
     assert from_env.stdout == expected + "\n"
@@ -91,7 +92,8 @@ def test_chat_with_the_connection_flags(mtls_key_server: BackgroundServer, pki: 
     address = mtls_key_server.address
     expected = _expected(mtls_key_server, pki, "Hello", 6)
     chat = run_cli(
-        "chat", "--server", address, "--max-tokens", "6", *tls_flags(pki), "--api-key", KEY,
+        "chat", "--server", address, "--max-tokens", "6", "--temperature", "0", *tls_flags(pki),
+        "--api-key", KEY,
         stdin="Hello\n/exit\n",
     )
     assert chat.returncode == 0, chat.stderr

@@ -21,12 +21,9 @@ from types import MappingProxyType
 from typing import Any
 
 from pagedserve.backend.errors import InvalidRequestError
-from pagedserve.backend.sampling_params import SamplingParams
+from pagedserve.backend.sampling_params import MAX_TOKENS_UNSET, SamplingParams
 from pagedserve.backend.server.choices import checked_num_choices
 from pagedserve.backend.server.translate import Coercion, build_sampling_params
-
-# OpenAI's default for the legacy completions endpoint; chat defaults to the room left.
-COMPLETIONS_MAX_TOKENS = 16
 
 # Sampling fields taken as they are, under SamplingParams' own names: OpenAI's, then vLLM's
 # common extras.
@@ -186,7 +183,6 @@ def parse_completion(data: Any) -> CompletionRequest:
     generation = _generation(
         body,
         max_tokens=body.read_int("max_tokens"),
-        default_max_tokens=COMPLETIONS_MAX_TOKENS,
         logprobs=logprobs,
         renames={"prompt_token_ids": "prompt"},
         num_prompts=len(prompts),
@@ -219,7 +215,6 @@ def parse_chat(data: Any) -> ChatRequest:
     generation = _generation(
         body,
         max_tokens=max_tokens,
-        default_max_tokens=None,
         logprobs=(top_logprobs or 0) if logprobs else None,
         renames=renames,
         num_prompts=1,
@@ -234,7 +229,6 @@ def _generation(
     body: _Body,
     *,
     max_tokens: int | None,
-    default_max_tokens: int | None,
     logprobs: int | None,
     renames: Mapping[str, str],
     num_prompts: int,
@@ -247,8 +241,9 @@ def _generation(
     stream = body.read_bool("stream", False)
     include_usage = _include_usage(body, stream)
     values: dict[str, object] = {name: body.get(name) for name in _SAMPLING_FIELDS}
-    # 1 stands in for chat's default until the prompt's length says how much room is left.
-    values["max_tokens"] = max_tokens if max_tokens is not None else (default_max_tokens or 1)
+    # Unset: the engine's --default-max-tokens (16, OpenAI's completions default) cut to the
+    # room the prompt leaves; chat replaces it with all of that room (OpenAI's chat default).
+    values["max_tokens"] = max_tokens if max_tokens is not None else MAX_TOKENS_UNSET
     values["logprobs"] = logprobs
     params = build_sampling_params(values, coercion=Coercion.TYPED)
     return Generation(

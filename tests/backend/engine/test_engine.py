@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.backend.config import RequestLimits
 from pagedserve.backend.engine.request import FinishReason
 from pagedserve.backend.errors import InvalidRequestError, ModelLoadError, RequestTooLongError
+from pagedserve.backend.sampling_params import MAX_TOKENS_UNSET
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,47 @@ def test_requests_that_can_never_fit_are_refused(llm) -> None:
     with pytest.raises(RequestTooLongError) as info:
         llm.engine.builder.build(prompt_token_ids=[5] * 10, params=SamplingParams(max_tokens=limit))
     assert info.value.field == "max_tokens"
+
+
+def test_unset_max_tokens_takes_the_default_cut_to_the_room_left(llm) -> None:
+    builder = llm.engine.builder
+    limit = llm.engine.max_model_len
+    default = builder.limits.default_max_tokens
+    shared = SamplingParams(temperature=0.0, ignore_eos=True)
+    short = builder.build(prompt_token_ids=[5] * 10, params=shared)
+    assert short.params.max_tokens == default
+    # A nearly full context: the default would not fit, the room left is what it gets.
+    nearly_full = [5] * (limit - 3)
+    assert builder.build(prompt_token_ids=nearly_full, params=shared).params.max_tokens == 3
+    assert shared.max_tokens == MAX_TOKENS_UNSET  # the caller's params stay unset
+    out = llm.generate(prompt_token_ids=[nearly_full], sampling_params=shared)[0]
+    assert out.usage.completion_tokens == 3 and out.finish_reason is FinishReason.LENGTH
+    # min_tokens above the default raises it rather than failing min_tokens <= max_tokens.
+    wanting_more = SamplingParams(min_tokens=default + 4)
+    assert builder.build(prompt_token_ids=[5] * 10, params=wanting_more).params.max_tokens == (
+        default + 4
+    )
+
+
+def test_chat_renders_the_template_for_one_or_several_conversations(llm) -> None:
+    hello = [{"role": "user", "content": "Hello"}]
+    briefly = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    rendered = [llm.engine.builder.render_chat(c) for c in (hello, briefly)]
+    expected = llm.generate(prompt_token_ids=rendered, sampling_params=params)
+    (one,) = llm.chat(hello, params)
+    assert one.prompt_token_ids == rendered[0] and one.token_ids == expected[0].token_ids
+    both = llm.chat([hello, briefly], params)
+    assert [o.prompt_token_ids for o in both] == rendered
+    assert [o.token_ids for o in both] == [o.token_ids for o in expected]
+    for bad in ([], [hello[0], hello], [{"role": "robot", "content": "beep"}]):
+        with pytest.raises(InvalidRequestError):
+            llm.chat(bad, params)
+
+
+def test_a_default_max_tokens_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="--default-max-tokens"):
+        RequestLimits(default_max_tokens=0)
 
 
 def test_request_larger_than_the_whole_cache_is_refused(tiny_llama_dir) -> None:

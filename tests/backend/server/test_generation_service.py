@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from pagedserve.backend.cli import build_parser
-from pagedserve.backend.config import EngineConfig
+from pagedserve.backend.config import EngineConfig, RequestLimits
 from pagedserve.backend.engine.request import RequestOutput
 from pagedserve.backend.llm import LLM
 from pagedserve.backend.sampling_params import SamplingParams
@@ -128,13 +128,22 @@ def test_chat_messages_use_the_chat_template(
 
 
 def test_unset_fields_mean_engine_defaults(client: GenerationClient) -> None:
-    # max_tokens unset -> SamplingParams' default, not zero (which would be invalid).
+    # max_tokens unset -> the engine's default, not zero (which would be invalid).
     response = client.complete("Hello", temperature=0.0, ignore_eos=True)
-    assert response.usage.completion_tokens == SamplingParams().max_tokens
+    assert response.usage.completion_tokens == RequestLimits().default_max_tokens
     # temperature unset -> 1.0 sampling; with a seed it is reproducible.
     a = client.complete("Hello", seed=7, max_tokens=8)
     b = client.complete("Hello", seed=7, max_tokens=8)
     assert list(a.token_ids) == list(b.token_ids)
+
+
+def test_unset_max_tokens_on_a_nearly_full_context_gets_the_room_left(
+    client: GenerationClient,
+) -> None:
+    context = client.model_info().context_length
+    response = client.complete(prompt_token_ids=[5] * (context - 3), ignore_eos=True)
+    assert response.usage.completion_tokens == 3
+    assert response.finish_reason == pb.FINISH_REASON_LENGTH
 
 
 def test_stop_token_ends_the_stream_with_stop(client: GenerationClient) -> None:

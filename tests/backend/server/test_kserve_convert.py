@@ -22,6 +22,7 @@ from pagedserve.backend.sampling_params import SamplingParams
 from pagedserve.backend.server import kserve_protocol as kp
 from pagedserve.backend.server.kserve_convert import (
     FINAL_RESPONSE,
+    SUPPORTED_SAMPLING_PARAMETERS,
     ResponseContent,
     build_response,
     empty_final_response,
@@ -222,10 +223,30 @@ def test_bad_sampling_parameters_name_the_field(sampling: Any, field: str) -> No
     assert info.value.field == field
 
 
-def test_every_sampling_field_is_accepted_by_name() -> None:
+def test_every_supported_sampling_field_is_accepted_by_name() -> None:
     defaults = SamplingParams()
-    values = {name: getattr(defaults, name) for name in defaults.__dataclass_fields__}
+    values = {
+        name: getattr(defaults, name)
+        for name in defaults.__dataclass_fields__
+        if name in SUPPORTED_SAMPLING_PARAMETERS
+    }
+    assert set(values) | {"n"} == set(SUPPORTED_SAMPLING_PARAMETERS)
     assert parse_infer_request(triton_request(sampling=values), MODEL).params == defaults
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("logprobs", 2), ("logprobs", 0), ("detokenize", False), ("beam_width", 2)]
+)
+@pytest.mark.parametrize("carrier", ["sampling", "parameters"])
+def test_parameters_no_output_could_show_are_refused_listing_the_supported(
+    name: str, value: Any, carrier: str
+) -> None:
+    request = triton_request(**{carrier: {name: value}})
+    with pytest.raises(InvalidRequestError) as info:
+        parse_infer_request(request, MODEL)
+    assert info.value.field == name
+    assert "not a supported sampling parameter" in info.value.message
+    assert all(supported in info.value.message for supported in SUPPORTED_SAMPLING_PARAMETERS)
 
 
 def _tensor_input(

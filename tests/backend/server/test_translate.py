@@ -263,8 +263,10 @@ def test_native_front_passes_every_set_field_and_leaves_unset_ones_default() -> 
 
 
 def test_both_fronts_translate_the_same_fields_alike() -> None:
-    native = sampling_params_from_proto(_native_request(**NATIVE_FIELDS))
-    kserve = parse_infer_request(_kserve_request(NATIVE_FIELDS), MODEL).params
+    """Every field both carry (KServe has no logprobs output, so refuses them)."""
+    shared = {name: value for name, value in NATIVE_FIELDS.items() if name != "logprobs"}
+    native = sampling_params_from_proto(_native_request(**shared))
+    kserve = parse_infer_request(_kserve_request(shared), MODEL).params
     assert native == kserve
 
 
@@ -285,6 +287,7 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("frequency_penalty", -2.5),
     ("seed", -1),
     ("max_tokens", 0),
+    ("max_tokens", -2),  # -1 is "unset"; no other value below 1
     ("min_tokens", -1),
     ("stop", ["ok", ""]),
     ("stop_token_ids", [VOCAB]),
@@ -292,6 +295,14 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     # Past what the sampler's float32 tensors hold.
     ("temperature", 1e39),
     ("repetition_penalty", float("inf")),
+    # Non-finite numbers: never a setting, always a client's arithmetic gone wrong.
+    ("temperature", float("inf")),
+    ("temperature", float("nan")),
+    ("top_p", float("nan")),
+    ("min_p", float("nan")),
+    ("repetition_penalty", float("nan")),
+    ("presence_penalty", float("inf")),
+    ("frequency_penalty", float("nan")),
 ]
 
 
@@ -313,10 +324,13 @@ def test_a_top_k_past_the_native_int32_is_refused_over_kserve(top_k: int) -> Non
 
 @pytest.mark.parametrize(("field", "value"), OUT_OF_RANGE)
 def test_a_bad_field_is_named_alike_through_both_fronts(field: str, value: Any) -> None:
-    """Each front's conversion, then the admission check the engine runs on its result."""
-    native = sampling_params_from_proto(_native_request(**{field: value}))
-    kserve = parse_infer_request(_kserve_request({field: value}), MODEL).params
-    for params in (native, kserve):
+    """Each front's conversion, then the admission check the engine runs on its result (KServe
+    refuses ``logprobs`` already in conversion: it has no output for them)."""
+    fronts = (
+        lambda: sampling_params_from_proto(_native_request(**{field: value})),
+        lambda: parse_infer_request(_kserve_request({field: value}), MODEL).params,
+    )
+    for convert in fronts:
         with pytest.raises(InvalidRequestError) as info:
-            params.validate(VOCAB)
+            convert().validate(VOCAB)
         assert info.value.field == field

@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -116,6 +117,39 @@ def test_counters_and_histograms_match_the_requests_sent(server: BackgroundServe
     assert value(after, "pagedserve_num_requests_running", model) == 0
     assert value(after, WAITING_GAUGE, model) == 0
     assert value(after, "pagedserve_kv_cache_usage_ratio", model) == 0
+
+
+def test_rpcs_are_counted_by_status_refusals_included(server: BackgroundServer) -> None:
+    model = server.state.served_model_name
+
+    def count(samples: Samples, method: str, code: str) -> float:
+        labels = {"model_name": model, "method": method, "code": code}
+        return samples.get(("pagedserve_requests_total", tuple(sorted(labels.items()))), 0.0)
+
+    before = scrape(server)
+    with GenerationClient(server.address) as client:
+        client.complete("Hello", max_tokens=2)
+        list(client.generate("Hello", max_tokens=2))
+        for bad in ({"max_tokens": 0}, {"temperature": float("inf")}):
+            with pytest.raises(grpc.RpcError) as info:
+                client.complete("Hello", **bad)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError):
+            list(client.generate("Hello", max_tokens=0))
+    after = scrape(server)
+    assert count(after, "Complete", "OK") - count(before, "Complete", "OK") == 1
+    assert count(after, "Generate", "OK") - count(before, "Generate", "OK") == 1
+    refused = "INVALID_ARGUMENT"
+    assert count(after, "Complete", refused) - count(before, "Complete", refused) == 2
+    assert count(after, "Generate", refused) - count(before, "Generate", refused) == 1
+    # Refusals never reach the engine, so they finish no request there.
+    finished = "pagedserve_requests_finished_total"
+    assert diff(after, before, finished, model, finish_reason="length") == 2
+
+
+def test_the_process_metrics_are_on_the_same_endpoint(server: BackgroundServer) -> None:
+    names = {name for name, _ in scrape(server)}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
 
 
 def test_gauges_follow_the_load(tiny_llama_dir: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import openai
 import pytest
 
+from pagedserve.backend.config import RequestLimits
 from pagedserve.clients.client import GenerationClient
 
 PROMPT = "The quick brown fox"
@@ -173,3 +174,14 @@ def test_logit_bias_forces_and_bans_tokens(
     first = client.complete(PROMPT, max_tokens=1, temperature=0.0).token_ids[0]
     banned = _complete(oai, model, temperature=0, max_tokens=1, logit_bias={str(first): -100})
     assert banned.choices[0].text != tokenizer.decode([first])
+
+
+def test_unset_max_tokens_is_the_server_default_cut_to_the_room_left(
+    oai: openai.OpenAI, client: GenerationClient, model: str
+) -> None:
+    short = oai.completions.create(model=model, prompt=PROMPT, extra_body=NO_EOS)
+    assert short.usage.completion_tokens == RequestLimits().default_max_tokens
+    context = client.model_info().context_length
+    nearly_full = [5] * (context - 3)  # the default would not fit; it must not fail
+    long = oai.completions.create(model=model, prompt=nearly_full, extra_body=NO_EOS)
+    assert long.usage.completion_tokens == 3 and long.choices[0].finish_reason == "length"
