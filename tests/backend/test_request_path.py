@@ -25,6 +25,7 @@ EXPECTED_ON_CPU = {
     # the server's edge
     "backend/server/generation_service.py",  # the native front: proto in, deltas out
     "backend/server/translate.py",  # request fields -> SamplingParams, for every front
+    "backend/server/choices.py",  # the prompt's ids and its n choices, for every front
     "backend/server/wire.py",  # tolerant decoding of the request bytes
     "backend/server/state.py",  # the serving phase every service checks
     "backend/telemetry/server_telemetry.py",  # the RPC's span (a no-op one here)
@@ -104,4 +105,4 @@ def test_a_generate_call_runs_through_the_files_architecture_md_lists(tiny_llama
         f"joined the path: {sorted(files - EXPECTED_ON_CPU)}; "
         f"left it: {sorted(EXPECTED_ON_CPU - files)}"
     )
-    assert len(files | CUDA_ONLY) == 24
+    assert len(files | CUDA_ONLY) == 25
