@@ -71,6 +71,8 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "worker_heartbeat_timeout_s": "a worker silent this long is taken for dead",
     "max_prompt_tokens": "refuse longer prompts (default: only the context bounds them)",
     "max_output_tokens": "refuse a larger max_tokens (default: only the context bounds it)",
+    "max_prompt_bytes": "refuse prompt text (or chat message contents) of more UTF-8 bytes, "
+    "before tokenizing it",
     "default_max_tokens": "max_tokens of a request that sets none, cut to the room its prompt "
     "leaves, so it never fails for a value the client did not send",
     "max_stop_strings": "stop strings one request may give",
