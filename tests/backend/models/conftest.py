@@ -158,3 +158,53 @@ def tiny_phi3_dir(tiny_model_factory: Any) -> Path:
 def tiny_phi3_long_dir(tiny_model_factory: Any) -> Path:
     """TINY_PHI3_LONG (long LongRoPE factors) with random norm weights."""
     return randomize_norms(tiny_model_factory("tiny-phi3-long", TINY_PHI3_LONG))
+
+
+# Gemma 2 / 3 and a windowed Mistral, their quirks on (the Gemma tests, the CUDA model tests).
+WINDOW = 21  # shorter than most prompts; ends inside a 16-token block
+
+_GEMMA_COMMON: dict[str, Any] = {
+    "vocab_size": TINY_LLAMA["vocab_size"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "query_pre_attn_scalar": 24,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": TINY_LLAMA["initializer_range"],
+    "sliding_window": WINDOW,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
+TINY_GEMMA2: dict[str, Any] = {
+    **_GEMMA_COMMON,
+    "model_type": "gemma2",
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "attn_logit_softcapping": 2.0,
+    "final_logit_softcapping": 1.5,
+}
+TINY_GEMMA3: dict[str, Any] = {
+    **_GEMMA_COMMON,
+    "model_type": "gemma3_text",
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    },
+    "attn_logit_softcapping": 2.0,  # transformers' Gemma 3 does not apply it
+    "final_logit_softcapping": None,
+}
+TINY_MISTRAL_WINDOWED: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "mistral",
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "hidden_size": 128,
+    "sliding_window": WINDOW,
+    "tie_word_embeddings": False,
+}

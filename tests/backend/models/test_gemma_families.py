@@ -29,61 +29,17 @@ from pagedserve.backend.models.loader import LoadedModel, load_model
 from pagedserve.backend.runner.attention import TorchAttentionBackend
 from tests.backend.engine.reference import compare_greedy, hf_greedy
 from tests.backend.engine.test_engine_vs_transformers import run_and_compare
-from tests.backend.models.conftest import randomize_norms
+from tests.backend.models.conftest import (
+    TINY_GEMMA2,
+    TINY_GEMMA3,
+    TINY_MISTRAL_WINDOWED,
+    WINDOW,
+    randomize_norms,
+)
 from tests.backend.models.paged_schedule import random_prompts
 from tests.backend.models.test_llama_model import check_against_transformers
-from tests.conftest import TINY_LLAMA
 
 CPU = torch.device("cpu")
-WINDOW = 21  # shorter than most prompts; ends inside a 16-token block
-
-_GEMMA_COMMON: dict[str, Any] = {
-    "vocab_size": TINY_LLAMA["vocab_size"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "query_pre_attn_scalar": 24,
-    "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-6,
-    "initializer_range": TINY_LLAMA["initializer_range"],
-    "sliding_window": WINDOW,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 2,
-}
-TINY_GEMMA2: dict[str, Any] = {
-    **_GEMMA_COMMON,
-    "model_type": "gemma2",
-    "num_hidden_layers": 2,
-    "layer_types": ["sliding_attention", "full_attention"],
-    "attn_logit_softcapping": 2.0,
-    "final_logit_softcapping": 1.5,
-}
-TINY_GEMMA3: dict[str, Any] = {
-    **_GEMMA_COMMON,
-    "model_type": "gemma3_text",
-    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
-    "rope_parameters": {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-    },
-    "attn_logit_softcapping": 2.0,  # transformers' Gemma 3 does not apply it
-    "final_logit_softcapping": None,
-}
-TINY_MISTRAL_WINDOWED: dict[str, Any] = {
-    **TINY_LLAMA,
-    "model_type": "mistral",
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "hidden_size": 128,
-    "sliding_window": WINDOW,
-    "tie_word_embeddings": False,
-}
-
-
 @pytest.fixture(scope="module")
 def tiny_gemma2_dir(tiny_model_factory: Any) -> Path:
     return randomize_norms(tiny_model_factory("tiny-gemma2", TINY_GEMMA2))
