@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from pagedserve.backend.models.gemma2 import (
     Gemma2Attention,
     Gemma2DecoderLayer,
@@ -26,35 +24,16 @@ from pagedserve.backend.models.gemma2 import (
 from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import RotaryEmbedding, rope_parameters
 from pagedserve.backend.models.llama import head_dim_of
-from pagedserve.backend.runner.attention import AttentionBackend
 
 _LOCAL, _GLOBAL = "sliding_attention", "full_attention"
 
 
 class Gemma3Attention(Gemma2Attention):
-    def __init__(
-        self,
-        hf_config: Any,
-        layer_index: int,
-        rotary_emb: RotaryEmbedding,
-        attn_backend: AttentionBackend,
-        ctx: LayerContext,
-    ) -> None:
-        super().__init__(hf_config, layer_index, rotary_emb, attn_backend, ctx)
-        head_dim = head_dim_of(hf_config)
-        self.q_norm = GemmaRMSNorm(head_dim, hf_config.rms_norm_eps, ctx)
-        self.k_norm = GemmaRMSNorm(head_dim, hf_config.rms_norm_eps, ctx)
+    head_norm_class = GemmaRMSNorm
 
     @staticmethod
     def logit_softcap(hf_config: Any) -> float | None:
         return None
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, _ = self.q_norm(q)  # [T, heads, head_dim]: each head normalised on its own
-        k, _ = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

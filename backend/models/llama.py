@@ -61,6 +61,10 @@ def head_dim_of(hf_config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
+    # A norm of every query and key head over head_dim after the projection, before the rotary
+    # embedding (Qwen3, Gemma 3); one weight per norm, whole on every rank. None: Llama's.
+    head_norm_class: type[RMSNorm] | None = None
+
     def __init__(
         self,
         hf_config: Any,
@@ -89,6 +93,9 @@ class LlamaAttention(nn.Module):
             sliding_window=layer_sliding_window(hf_config, layer_index),
             softcap=self.logit_softcap(hf_config),
         )
+        if self.head_norm_class is not None:
+            self.q_norm = self.head_norm_class(head_dim, hf_config.rms_norm_eps, ctx)
+            self.k_norm = self.head_norm_class(head_dim, hf_config.rms_norm_eps, ctx)
 
     @staticmethod
     def attention_scale(hf_config: Any) -> float:
@@ -102,6 +109,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        if self.head_norm_class is not None:
+            q, _ = self.q_norm(q)  # [T, heads, head_dim]: each head normalised on its own
+            k, _ = self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 

@@ -9,42 +9,17 @@ are whole on every tensor-parallel rank, since every rank holds whole heads.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from pagedserve.backend.models.layer_context import LayerContext
-from pagedserve.backend.models.layers import RMSNorm, RotaryEmbedding
+from pagedserve.backend.models.layers import RMSNorm
 from pagedserve.backend.models.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
-    head_dim_of,
 )
-from pagedserve.backend.runner.attention import AttentionBackend
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(
-        self,
-        hf_config: Any,
-        layer_index: int,
-        rotary_emb: RotaryEmbedding,
-        attn_backend: AttentionBackend,
-        ctx: LayerContext,
-    ) -> None:
-        super().__init__(hf_config, layer_index, rotary_emb, attn_backend, ctx)
-        head_dim = head_dim_of(hf_config)
-        self.q_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx)
-        self.k_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, _ = self.q_norm(q)  # [T, heads, head_dim]: each head normalised on its own
-        k, _ = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+    head_norm_class = RMSNorm
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
