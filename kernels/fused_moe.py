@@ -5,14 +5,14 @@ The torch reference loops over the experts that got tokens, as transformers does
 CPU path and the oracle. The Triton path never leaves the device and has static shapes (no
 host sync), so a decode step that runs it can be captured in a CUDA graph:
 
-1. ``align_by_expert`` sorts the ``T * top_k`` (token, expert) assignments by expert and pads
+1. ``align_by_expert`` groups the ``T * top_k`` (token, expert) assignments by expert and pads
    each expert's run to a multiple of the GEMM's row block, so every row block belongs to one
    expert. The buffer is sized for the worst case (every hit expert needs a padding block), and
    blocks past the real end exit at once.
 2. A grouped GEMM over those blocks computes gate and up of each assignment against its
    expert's ``w13`` slice and writes ``silu(gate) * up``.
 3. A second grouped GEMM multiplies by the expert's ``w2`` and scales each row by its routing
-   weight; a sum over the ``top_k`` rows of each token gives the block's output.
+   weight; a third kernel sums the ``top_k`` rows of each token in fp32 (the block's output).
 
 Weights: ``w13`` is ``[experts, 2 * inter, hidden]`` (gate rows, then up rows), ``w2`` is
 ``[experts, hidden, inter]``; under tensor parallelism ``inter`` is this rank's share.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pagedserve.kernels.triton_utils import cdiv, tl, triton, use_triton
+from pagedserve.kernels.triton_utils import cdiv, next_power_of_2, tl, triton, use_triton
 
 # tl.dot needs at least 16 rows, columns and reduction steps.
 _MIN_DOT = 16
@@ -78,12 +78,15 @@ class MoETileConfig:
             raise ValueError(f"group_m must be positive, got {self.group_m}")
 
 
-# (largest mean assignments per expert, tiles): decode batches hit each expert with a few
-# tokens, so small row blocks waste little padding; prefill chunks fill large ones.
+# (largest mean assignments per expert, tiles), from tests/gpu/moe_tiles_bench.py on an H200 at
+# Qwen3-30B-A3B's shapes (CUDA-graph replays): decode batches hit each expert with a few rows,
+# so small row blocks waste little padding and the weights stream at ~90% of copy bandwidth;
+# prefill chunks fill 128-row blocks and become compute-bound.
 TILE_CONFIGS: tuple[tuple[float, MoETileConfig], ...] = (
-    (16.0, MoETileConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4)),
-    (96.0, MoETileConfig(block_m=32, block_n=64, block_k=64, group_m=8, num_warps=4)),
-    (float("inf"), MoETileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8)),
+    (8.0, MoETileConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4)),
+    (24.0, MoETileConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_warps=4)),
+    (64.0, MoETileConfig(block_m=64, block_n=64, block_k=64, group_m=8, num_warps=4)),
+    (float("inf"), MoETileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8)),
 )
 
 
@@ -95,7 +98,7 @@ def choose_tile_config(num_assignments: int, num_experts: int) -> MoETileConfig:
 
 @dataclass
 class ExpertAlignment:
-    """Assignments (flat indices ``token * top_k + slot``) sorted by expert, each expert's run
+    """Assignments (flat indices ``token * top_k + slot``) grouped by expert, each expert's run
     padded to ``block_m`` with the sentinel ``num_assignments``.
 
     ``sorted_ids`` [capacity], ``block_expert`` [capacity / block_m] (the expert of each row
@@ -118,26 +121,92 @@ def align_capacity(num_assignments: int, num_experts: int, block_m: int) -> int:
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """Sort the assignments by expert on the device, with static shapes and no host sync."""
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    """Group the assignments by expert on the device, with static shapes and no host sync.
+
+    Three small kernels in place of a sort: count each expert's assignments, lay out the
+    padded runs (and each row block's expert), then place every assignment in its expert's
+    run with an atomic cursor. Within a run the order is whatever the atomics give; that is
+    safe because every row of the grouped GEMMs is computed on its own (bitwise the same in
+    any row position), and each result is written back to its assignment's own row.
+    """
+    flat = topk_ids.reshape(-1)
+    if flat.dtype != torch.int32:
+        flat = flat.to(torch.int32)
     n = flat.numel()
     device = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    padded_start = padded_end - padded
-    count_start = counts.cumsum(0) - counts
-    order = torch.sort(flat, stable=True).indices
-    experts = flat[order]
-    rank = torch.arange(n, device=device) - count_start[experts]
     capacity = align_capacity(n, num_experts, block_m)
-    sorted_ids = torch.full((capacity,), n, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, padded_start[experts] + rank, order.to(torch.int32))
-    block_starts = torch.arange(0, capacity, block_m, device=device)
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True)
-    block_expert = block_expert.clamp_(max=num_experts - 1).to(torch.int32)
-    return ExpertAlignment(sorted_ids, block_expert, padded_end[-1:], n, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
+    sorted_ids = torch.empty(capacity, dtype=torch.int32, device=device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    grid = (max(1, cdiv(n, _ALIGN_BLOCK)),)
+    _count_by_expert_kernel[grid](flat, counts, n, BLOCK=_ALIGN_BLOCK)
+    _lay_out_runs_kernel[(1,)](
+        counts, cursor, sorted_ids, block_expert, num_padded, n, num_experts, capacity,
+        BLOCK_M=block_m, BLOCK_E=next_power_of_2(num_experts), CHUNK=_ALIGN_CHUNK,
+    )
+    _place_by_expert_kernel[grid](flat, cursor, sorted_ids, n, BLOCK=_ALIGN_BLOCK)
+    return ExpertAlignment(sorted_ids, block_expert, num_padded, n, block_m)
+
+
+# Assignments per program when counting and placing; rows (and row blocks) per step of the
+# one-program layout kernel.
+_ALIGN_BLOCK = 1024
+_ALIGN_CHUNK = 256
+
+
+@triton.jit
+def _count_by_expert_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < n
+    expert = tl.load(ids_ptr + offsets, mask=valid, other=0)
+    tl.atomic_add(counts_ptr + expert, 1, mask=valid)
+
+
+@triton.jit
+def _lay_out_runs_kernel(
+    counts_ptr,
+    cursor_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    n,
+    num_experts,
+    capacity,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program: each expert's run start (the placing kernel's cursors), the rows in use,
+    the sentinel in every row, and each row block's expert (the last one past the end)."""
+    experts = tl.arange(0, BLOCK_E)
+    real = experts < num_experts
+    counts = tl.load(counts_ptr + experts, mask=real, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    run_end = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + experts, run_end - padded, mask=real)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    for start in range(0, capacity, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        tl.store(sorted_ids_ptr + rows, n, mask=rows < capacity)
+    # A block's expert: how many runs end at or before the block's first row.
+    run_end = tl.where(real, run_end, capacity + BLOCK_M)
+    num_blocks = capacity // BLOCK_M
+    for first in range(0, num_blocks, CHUNK):
+        blocks = first + tl.arange(0, CHUNK)
+        ended = run_end[None, :] <= (blocks * BLOCK_M)[:, None]
+        expert = tl.minimum(tl.sum(ended.to(tl.int32), axis=1), num_experts - 1)
+        tl.store(block_expert_ptr + blocks, expert, mask=blocks < num_blocks)
+
+
+@triton.jit
+def _place_by_expert_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < n
+    expert = tl.load(ids_ptr + offsets, mask=valid, other=0)
+    row = tl.atomic_add(cursor_ptr + expert, 1, mask=valid)
+    tl.store(sorted_ids_ptr + row, offsets, mask=valid)
 
 
 @triton.jit
@@ -348,7 +417,27 @@ def fused_moe_triton(
         alignment.num_padded, n, row_blocks, hidden, inter, act.stride(0), w2.stride(0),
         w2.stride(1), weighted.stride(0), **common,
     )
-    return weighted.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    out = torch.empty_like(x)
+    _sum_top_k_kernel[(num_tokens, cdiv(hidden, _SUM_BLOCK))](
+        weighted, out, hidden, TOP_K=top_k, BLOCK=_SUM_BLOCK
+    )
+    return out
+
+
+_SUM_BLOCK = 1024
+
+
+@triton.jit
+def _sum_top_k_kernel(weighted_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum over the k slots of weighted[t * k + slot], in fp32 (slot order)."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        row = weighted_ptr + (token * TOP_K + slot) * hidden
+        acc += tl.load(row + cols, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def fused_moe(

@@ -4,8 +4,8 @@ weighted outputs are summed.
 
 Routing follows transformers 5 (Mixtral, Qwen3-MoE): softmax over all experts in fp32, top-k,
 then renormalise the k weights to sum to one when the family does (always for Mixtral,
-``norm_topk_prob`` for Qwen3-MoE). Qwen3-MoE rounds the weights to the model dtype before they
-scale the experts' outputs; Mixtral keeps them in fp32.
+``norm_topk_prob`` for Qwen3-MoE), in ``pagedserve.kernels.moe_routing``. Qwen3-MoE rounds the
+weights to the model dtype before they scale the experts' outputs; Mixtral keeps them in fp32.
 
 Tensor parallelism splits every expert's intermediate dimension over the ranks (gate and up by
 rows, down by columns), so each rank holds a slice of every expert and routing needs no
@@ -34,6 +34,7 @@ from pagedserve.backend.models.layers import FullShapes, _copy_checked, _divide,
 from pagedserve.backend.models.llama import LlamaForCausalLM
 from pagedserve.backend.quantization.unquantized import UnquantizedLinearMethod, linear
 from pagedserve.kernels.fused_moe import fused_moe
+from pagedserve.kernels.moe_routing import route_top_k
 
 # Called with (layer index, top-k expert ids [T, k]) by every MoE block's forward when set; a
 # benchmark counts the experts each step reads with it. Off (None) it costs one comparison.
@@ -56,17 +57,6 @@ class MoEConfig:
                 f"top-k {self.top_k} must be between 1 and the number of experts "
                 f"({self.num_experts})"
             )
-
-
-def select_experts(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (fp32 weights [T, k], expert ids [T, k])."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
 
 
 class Router(nn.Module):
@@ -164,7 +154,7 @@ class SparseMoEBlock(nn.Module):
         self.experts = Experts(config, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.config.top_k, self.config.renormalize)
+        weights, ids = route_top_k(self.gate(x), self.config.top_k, self.config.renormalize)
         if self.config.weights_in_model_dtype:
             weights = weights.to(x.dtype)
         if self.observer is not None:

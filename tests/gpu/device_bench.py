@@ -15,7 +15,8 @@
   and without the peer (the ablation); profile-1b / profile-8b: throughput at two token budgets
   and a kernel-time profile; profile-decode-1b / profile-decode-8b: the bench workload's steady
   decode steps alone, wall time per step beside kernel time per step and the host's Python
-  profile (what bounds a decode step: the device or the host).
+  profile (what bounds a decode step: the device or the host); profile-decode-qwen3-30b-a3b the
+  same for the mixture of experts.
 - bench-qwen3-30b-a3b: the same ``bench offline`` workload on a dummy Qwen3-30B-A3B (128
   experts, top-8), beside transformers, with a roofline whose weight term counts, per decode
   step, the experts the step's tokens route to (recorded in an untimed eager pass of the same
@@ -604,7 +605,9 @@ def stage_profile_decode(name: str, tokenizer: Path, work: Path) -> dict[str, An
     plain = steps(48)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         profiled = steps(32)
-    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / 32
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events) / 1e6 / 32
+    print(events.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
     host = cProfile.Profile()
     host.enable()
     python = steps(32)
@@ -663,7 +666,8 @@ def main() -> int:
         for stage, name in (("profile-1b", "llama-3.2-1b"), ("profile-8b", "llama-3-8b")):
             if stage in stages:
                 results[stage] = stage_profile(name, args.tokenizer, work)
-        for stage, name in (("profile-decode-1b", "llama-3.2-1b"), ("profile-decode-8b", "llama-3-8b")):
+        for stage, name in (("profile-decode-1b", "llama-3.2-1b"), ("profile-decode-8b", "llama-3-8b"),
+                            ("profile-decode-qwen3-30b-a3b", "qwen3-30b-a3b")):
             if stage in stages:
                 results[stage] = stage_profile_decode(name, args.tokenizer, work)
         for stage, name in (("bench-1b", "llama-3.2-1b"), ("bench-8b", "llama-3-8b")):
