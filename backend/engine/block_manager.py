@@ -7,6 +7,13 @@ instead of recomputing it. A block whose ref count drops to zero goes to the bac
 queue but keeps its hash: it can still be hit until it is handed out again, oldest-freed first
 (LRU).
 
+With a model whose every layer attends through a sliding window of at most W keys (Mistral,
+Mixtral, Phi-3-mini), a step whose first query sits at position q reads no key below
+q - W + 1, and neither does any later step: the blocks wholly below it are released as the
+request advances (``release_out_of_window``), so a long request holds about W / block_size + 1
+blocks. They keep their hashes in the free queue, as any freed block does. A model with one
+full-attention layer (Gemma 2 and 3 alternate) releases nothing: that layer reads every key.
+
 The block manager is the only writer of a request's blocks, so it also keeps the block table:
 one row per request that holds blocks, updated in the same call that changes the blocks. A step
 then gathers the rows it needs with one fancy index instead of converting hundreds of Python
@@ -25,6 +32,8 @@ import numpy as np
 from pagedserve.backend.engine.request import Request
 
 BlockHash = bytes
+# ``Request.block_ids`` entry of a block released out of the attention window.
+RELEASED_BLOCK = -1
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
@@ -89,12 +98,18 @@ class BlockManager:
         max_seqs: int,
         max_blocks_per_seq: int,
         enable_prefix_caching: bool = True,
+        attention_window: int | None = None,
     ) -> None:
+        """``attention_window``: the keys the model's widest layer attends to when every layer
+        has a sliding window (its own key included), else None (nothing is ever released)."""
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
+        if attention_window is not None and attention_window < 1:
+            raise ValueError(f"attention_window must be positive, got {attention_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.attention_window = attention_window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.block_table = BlockTable(max_seqs, max_blocks_per_seq)
         # Free blocks in eviction order (oldest first). Cached ones keep their hash until reused.
@@ -162,7 +177,9 @@ class BlockManager:
         if num_computed is None:
             num_computed = request.num_computed_tokens
         num_full = min(num_computed, request.num_tokens) // self.block_size
-        done = request.num_registered_blocks
+        # Blocks released before they were registered here (shared ones a prompt source
+        # registered) are skipped.
+        done = max(request.num_registered_blocks, request.num_released_blocks)
         if num_full <= done:
             return
         hashes = self._hashes(request, num_full)
@@ -177,28 +194,69 @@ class BlockManager:
                 self._cached[h] = block.block_id
 
     # -- shared prompts --------------------------------------------------------------------
+    def _blocks_out_of_window(self, first_query: int) -> int:
+        """Leading blocks that no query at ``first_query`` or later reads."""
+        if self.attention_window is None:
+            return 0
+        return max(0, first_query - self.attention_window + 1) // self.block_size
+
+    def release_out_of_window(self, request: Request) -> None:
+        """Release the request's leading blocks below the window of its next step (which
+        starts at ``num_computed_tokens``), registering them in the prefix index first. Safe
+        with a step still running on the device: a block handed out again is written only by
+        a later step, after it on the stream."""
+        dead = min(self._blocks_out_of_window(request.num_computed_tokens), len(request.block_ids))
+        first = request.num_released_blocks
+        if dead <= first:
+            return
+        self.cache_full_blocks(request, dead * self.block_size)
+        row = self.block_table.table[request.table_row]
+        for i in range(first, dead):
+            block = self.blocks[request.block_ids[i]]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block.block_id} freed twice"
+            if block.ref_count == 0:
+                self._free[block.block_id] = None
+            request.block_ids[i] = RELEASED_BLOCK
+            row[i] = 0  # never read: below every later query's window
+        request.num_released_blocks = dead
+
     def shareable_prompt_blocks(self, request: Request) -> int:
         """The full blocks of the prompt that another request with the same prompt can map:
         every one but a block holding the last prompt token, which each request computes
         itself (its logits give its first token)."""
         return (request.num_prompt_tokens - 1) // self.block_size
 
+    def can_share_prompt(self, source: Request, target: Request) -> bool:
+        """Whether ``source`` still holds every shareable prompt block that ``target`` reads:
+        those it released out of the window must be ones the target's first step (at the
+        first unshared token) does not read either."""
+        num_blocks = self.shareable_prompt_blocks(target)
+        released = min(source.num_released_blocks, num_blocks)
+        return released <= self._blocks_out_of_window(num_blocks * self.block_size)
+
     def share_prompt(self, source: Request, target: Request) -> int:
         """Map ``source``'s full prompt blocks into ``target`` (same prompt, holding no
         blocks), one more reference each; returns the tokens they cover. Full blocks never
         change once computed, so the requests need no copy: each writes only blocks of its own
-        from its first unshared token on (the last, partial prompt block included)."""
+        from its first unshared token on (the last, partial prompt block included). Blocks the
+        source released out of its window are released for the target too (see
+        ``can_share_prompt``)."""
         assert not target.block_ids
         assert source.prompt_token_ids == target.prompt_token_ids
+        assert self.can_share_prompt(source, target)
         num_blocks = self.shareable_prompt_blocks(target)
         shared = source.block_ids[:num_blocks]
         assert len(shared) == num_blocks, "the source has not got its prompt blocks"
-        for block_id in shared:
+        released = min(source.num_released_blocks, num_blocks)
+        for block_id in shared[released:]:
             self.blocks[block_id].ref_count += 1  # held by the source: not in the free queue
         target.block_ids = list(shared)
+        target.num_released_blocks = released
         if not target.block_hashes:
             target.block_hashes = source.block_hashes[:num_blocks]
         self.block_table.append(target, 0)
+        self.block_table.table[target.table_row, :released] = 0
         return num_blocks * self.block_size
 
     # -- allocation ------------------------------------------------------------------------
@@ -233,7 +291,7 @@ class BlockManager:
         """Release the request's blocks and its table row; tail blocks are queued first so
         they are evicted before the shared prefix blocks. Its hashes stay with the request (a
         preempted request reuses them when it is admitted again)."""
-        for block_id in reversed(request.block_ids):
+        for block_id in reversed(request.block_ids[request.num_released_blocks :]):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
@@ -241,4 +299,5 @@ class BlockManager:
                 self._free[block_id] = None
         self.block_table.release(request, len(request.block_ids))
         request.block_ids = []
+        request.num_released_blocks = 0
         request.num_registered_blocks = 0

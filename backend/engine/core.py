@@ -64,6 +64,7 @@ from pagedserve.backend.engine.request import (
 )
 from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
+from pagedserve.backend.models.layers import kv_attention_window
 from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class EngineCore:
             max_seqs=config.scheduler.max_num_seqs,
             max_blocks_per_seq=-(-self.max_model_len // block_size),
             enable_prefix_caching=config.cache.enable_prefix_caching,
+            attention_window=kv_attention_window(self.runner.model),
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)

@@ -153,7 +153,10 @@ class Request:
     prompt_source: Request | None = None
 
     # -- KV cache (written by the BlockManager only) -----------------------------------------
+    # Position i // block_size's block; ``RELEASED_BLOCK`` for the leading blocks that fell out
+    # of the model's attention window (``num_released_blocks`` of them).
     block_ids: list[int] = field(default_factory=list)
+    num_released_blocks: int = 0
     # Chained hashes of its full blocks, computed once each; and how many leading full blocks
     # have been offered to the prefix index.
     block_hashes: list[bytes] = field(default_factory=list)

@@ -5,6 +5,9 @@ first: a decode takes one token, an unfinished prefill takes the next chunk that
 requests are then admitted in order while budget, ``max_num_seqs`` and free blocks allow; their
 prefill may be chunked over several steps, mixed with other requests' decodes.
 
+A model whose every layer has a sliding window releases each request's blocks that fell out
+of the window before the request's next chunk is given room (``BlockManager.release_out_of_window``).
+
 When a running request cannot get a block, the newest running request is preempted: its blocks
 are freed and it goes back to the *front* of the waiting queue to be recomputed later (the prefix
 cache often makes that cheap). No new request is admitted in a step that preempted, so preempted
@@ -111,8 +114,13 @@ class Scheduler:
         computed by a launched step (a later step reads them after it on the device)."""
         source = request.prompt_source
         assert source is not None
-        shared_tokens = self.block_manager.shareable_prompt_blocks(request) * self.block_manager.block_size
-        return source.status is RequestStatus.RUNNING and source.num_computed_tokens >= shared_tokens
+        bm = self.block_manager
+        shared_tokens = bm.shareable_prompt_blocks(request) * bm.block_size
+        return (
+            source.status is RequestStatus.RUNNING
+            and source.num_computed_tokens >= shared_tokens
+            and bm.can_share_prompt(source, request)
+        )
 
     def _release_held(self) -> None:
         """Queue the held requests whose source is ready (or gone), ahead of every request
@@ -121,7 +129,9 @@ class Scheduler:
         for req in self.held:
             source = req.prompt_source
             assert source is not None
-            if source.is_finished:
+            if source.is_finished or not self.block_manager.can_share_prompt(source, req):
+                # Gone, or past blocks it released out of the window: no sharing (the prefix
+                # cache may still hold the blocks).
                 req.prompt_source = None
                 ready.append(req)
             elif self._can_share(req):
@@ -148,6 +158,7 @@ class Scheduler:
                 continue
             expected = req.num_tokens_with_in_flight
             n = min(expected - req.num_computed_tokens, budget)
+            bm.release_out_of_window(req)
             while not bm.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -205,6 +216,7 @@ class Scheduler:
             else:
                 hit = bm.match_prefix(req)
             req.num_computed_tokens = hit
+            bm.release_out_of_window(req)
             if req.num_cached_prompt_tokens < 0:
                 req.num_cached_prompt_tokens = min(hit, req.num_prompt_tokens)
             n = min(req.num_tokens - req.num_computed_tokens, budget)

@@ -388,6 +388,16 @@ class Attention(nn.Module):
         return out.reshape(-1, self.num_heads * self.head_dim)
 
 
+def kv_attention_window(model: nn.Module) -> int | None:
+    """The widest sliding window of the model's attention layers when every one has a
+    window, else None: below ``position - window + 1`` no layer reads a key of that position's
+    sequence again, so the block manager can release those blocks."""
+    windows = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(w for w in windows if w is not None)
+
+
 # --------------------------------------------------------------------------------------------
 # Linear layers
 # --------------------------------------------------------------------------------------------

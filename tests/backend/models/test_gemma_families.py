@@ -143,12 +143,68 @@ def test_unsupported_gemma_settings_are_refused(tiny_gemma2_dir: Path) -> None:
 # prefill) and a pool of 24 blocks (the longest request needs 20: preemption), greedy tokens
 # equal transformers' generate (with its sliding-window cache) up to the near-tie rule. Every
 # decode step of the prompts longer than the window slides it; 12 of them keep the test short.
-@pytest.mark.parametrize("fixture", FAMILIES)
+# Mistral windows every layer, so its requests release the blocks behind the window: past its
+# first chunk a request holds a constant number of blocks (a block dies for each one it fills),
+# so with a 21-key window no pool that admits the longest request ever preempts. It runs as the
+# Gemmas do without the preemption; a 100-key window (blocks released only for the prompts
+# longer than it, 20 blocks) forces preemption with windows and released blocks.
+ENGINE_RUNS = {
+    "tiny_gemma2_dir": (24, True),
+    "tiny_gemma3_dir": (24, True),
+    "tiny_mistral_windowed_dir": (24, False),
+    "tiny_mistral_wide_window_dir": (20, True),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_wide_window_dir(tiny_model_factory: Any) -> Path:
+    config = {**TINY_MISTRAL_WINDOWED, "sliding_window": 100}
+    return randomize_norms(tiny_model_factory("tiny-mistral-wide-window", config))
+
+
+@pytest.mark.parametrize("fixture", sorted(ENGINE_RUNS))
 def test_engine_matches_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+    num_blocks, preempts = ENGINE_RUNS[fixture]
     run_and_compare(
-        request.getfixturevalue(fixture), 12, num_blocks=24, budget=64,
-        prompt_lengths=ENGINE_PROMPTS,
+        request.getfixturevalue(fixture), 12, num_blocks=num_blocks, budget=64,
+        prompt_lengths=ENGINE_PROMPTS, expect_preemption=preempts,
     )
+
+
+def test_windowed_requests_hold_only_the_blocks_their_window_reads(
+    tiny_mistral_windowed_dir: Path, tiny_gemma2_dir: Path
+) -> None:
+    """A 300-token prompt and 40 decode steps on Mistral (every layer windowed): after each
+    step the request holds no more blocks than its window and its next chunk span, its
+    tokens equal transformers' with no near-tie excused, and every block is free at the end.
+    Gemma 2 has global layers: its requests release nothing."""
+    from transformers import AutoModelForCausalLM
+
+    budget, block_size = 64, 16
+    llm = LLM(str(tiny_mistral_windowed_dir), dtype="float32", device="cpu",
+              block_size=block_size, num_blocks=24, max_num_batched_tokens=budget)
+    engine = llm.engine
+    assert engine.block_manager.attention_window == WINDOW
+    prompt = random_prompts([300], llm.tokenizer.vocab_size, seed=5)[0]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    req = engine.builder.build(prompt_token_ids=prompt, params=params)
+    engine.add(req)
+    # Keys from q - WINDOW + 1 for a chunk of up to ``budget`` tokens from q: their blocks.
+    bound = -(-(WINDOW - 1 + budget) // block_size) + 1
+    most_held = most_released = 0
+    while engine.has_unfinished():
+        engine.step()
+        held = len(req.block_ids) - req.num_released_blocks
+        assert held <= bound, (held, req.num_computed_tokens)
+        most_held = max(most_held, held)
+        most_released = max(most_released, req.num_released_blocks)
+    assert most_released >= (300 + 40 - WINDOW) // block_size - 1
+    assert engine.block_manager.num_free_blocks == 24
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_mistral_windowed_dir), dtype=torch.float32)
+    want = hf_greedy(hf.eval(), prompt, 40, eos_token_id=[-1])
+    assert compare_greedy([req.output_token_ids], [want]) == 0
+    gemma = LLM(str(tiny_gemma2_dir), dtype="float32", device="cpu", block_size=16, num_blocks=24)
+    assert gemma.engine.block_manager.attention_window is None
 
 
 def test_long_prompt_decodes_like_transformers(tiny_gemma2_dir: Path) -> None:
