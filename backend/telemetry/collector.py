@@ -1,7 +1,7 @@
 """A minimal OTLP/gRPC trace sink: ``collector.trace.v1.TraceService/Export`` on one port.
 
-For benchmarks (a local collector that costs the server what a real one would: the export) and
-for checking a server's export end to end. Run it alone with
+For benchmarks (a local collector that costs the server what a real one would: the export), for
+checking a server's export end to end, and under ``pagedserve traces``, which prints what arrives. Run it alone with
 ``python -m pagedserve.backend.telemetry.collector --port 4317``; it prints the port it bound
 and, on exit, how many spans it received.
 """
@@ -24,11 +24,16 @@ _WORKERS = 2
 _STOP_GRACE_S = 1.0
 
 
-class SpanSink(pb_grpc.TraceServiceServicer):
-    """Keeps every exported span (``keep=True``) or only counts them."""
+SpanListener = Callable[[list[Span]], None]
 
-    def __init__(self, keep: bool = True) -> None:
+
+class SpanSink(pb_grpc.TraceServiceServicer):
+    """Keeps every exported span (``keep=True``) or only counts them; a ``listener`` gets
+    each export's spans as they arrive (on a gRPC worker thread)."""
+
+    def __init__(self, keep: bool = True, listener: SpanListener | None = None) -> None:
         self.keep = keep
+        self.listener = listener
         self.spans: list[Span] = []
         self.num_spans = 0
         self.num_exports = 0
@@ -45,6 +50,8 @@ class SpanSink(pb_grpc.TraceServiceServicer):
             if self.keep:
                 self.spans.extend(spans)
             self.received.notify_all()
+        if self.listener is not None:
+            self.listener(spans)
         return pb.ExportTraceServiceResponse()
 
     def wait_for(self, predicate: Callable[[list[Span]], bool], timeout_s: float) -> bool:
@@ -56,8 +63,14 @@ class SpanSink(pb_grpc.TraceServiceServicer):
 class Collector:
     """The sink on a loopback gRPC port (0 picks a free one)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, keep: bool = True) -> None:
-        self.sink = SpanSink(keep)
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        keep: bool = True,
+        listener: SpanListener | None = None,
+    ) -> None:
+        self.sink = SpanSink(keep, listener)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=_WORKERS))
         pb_grpc.add_TraceServiceServicer_to_server(self.sink, self._server)
         self.port = self._server.add_insecure_port(f"{host}:{port}")

@@ -9,6 +9,7 @@ which exports every span still open.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -24,6 +25,7 @@ from pagedserve.backend.telemetry.tracing import (
     NoTrace,
     RequestTracer,
     RpcTrace,
+    UntracedHttp,
     http_span,
     rpc_span,
 )
@@ -37,6 +39,26 @@ if TYPE_CHECKING:
     from pagedserve.backend.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
+
+# The gRPC code an HTTP answer stands for: the OpenAI API's error statuses are picked from
+# gRPC codes (server/openai/errors.py; a test keeps the two tables inverse), so one ``code``
+# label counts every front's requests alike.
+GRPC_CODE_OF_HTTP_STATUS: Mapping[int, grpc.StatusCode] = {
+    200: grpc.StatusCode.OK,
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_code_of_http_status(status: int | None) -> grpc.StatusCode:
+    """None: the client went away before its answer was complete (CANCELLED, as on gRPC)."""
+    if status is None:
+        return grpc.StatusCode.CANCELLED
+    return GRPC_CODE_OF_HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN)
 
 INSTRUMENTATION_NAME = "pagedserve"
 # How often the telemetry thread looks for request spans whose engine final is overdue.
@@ -165,12 +187,35 @@ class ServerTelemetry:
     def http(
         self, method: str, route: str, headers: Mapping[str, str], request_id: str, scheme: str
     ) -> AbstractContextManager[RpcTrace | NoTrace]:
-        """An HTTP request's SERVER span, as ``rpc`` opens an RPC's."""
+        """An HTTP request's SERVER span, as ``rpc`` opens an RPC's; the request is counted
+        by its route and the gRPC code of its status whether or not it is traced."""
+        span: AbstractContextManager[RpcTrace | NoTrace]
         if self._tracer is None or self._observer is None:
-            return nullcontext(NO_TRACE)
-        return http_span(
-            self._tracer, self._observer.post, method, route, headers, request_id, scheme
-        )
+            span = nullcontext(UntracedHttp() if self.metrics is not None else NO_TRACE)
+        else:
+            span = http_span(
+                self._tracer, self._observer.post, method, route, headers, request_id, scheme
+            )
+        if self.metrics is None:
+            return span
+        return self._counted_http(span, route)
+
+    @contextmanager
+    def _counted_http(
+        self, span: AbstractContextManager[RpcTrace | NoTrace], route: str
+    ) -> Iterator[RpcTrace | NoTrace]:
+        assert self.metrics is not None
+        try:
+            with span as trace:
+                yield trace
+        except (asyncio.CancelledError, ConnectionError):  # the client went away
+            self.metrics.on_rpc_end(route, grpc.StatusCode.CANCELLED)
+            raise
+        except BaseException:
+            self.metrics.on_rpc_end(route, grpc.StatusCode.INTERNAL)
+            raise
+        assert isinstance(trace, (RpcTrace, UntracedHttp))
+        self.metrics.on_rpc_end(route, grpc_code_of_http_status(trace.http_status))
 
     def flush(self, timeout_s: float) -> bool:
         """Handle everything posted so far and export the finished spans (tests, benchmarks)."""

@@ -33,6 +33,7 @@ from opentelemetry.trace import (
 )
 
 from pagedserve.backend.engine.request import FinishReason, RequestOutputDelta
+from pagedserve.backend.sampling_params import MAX_TOKENS_UNSET
 from pagedserve.backend.telemetry import names as n
 
 if TYPE_CHECKING:
@@ -108,12 +109,13 @@ class RpcTrace:
             n.GEN_AI_RESPONSE_MODEL: served_model,
             n.GEN_AI_RESPONSE_ID: self.request_id,
             n.GEN_AI_REQUEST_STREAM: stream,
-            n.GEN_AI_REQUEST_MAX_TOKENS: params.max_tokens,
             n.GEN_AI_REQUEST_TEMPERATURE: params.temperature,
             n.GEN_AI_REQUEST_TOP_P: params.top_p,
             n.GEN_AI_REQUEST_PRESENCE_PENALTY: params.presence_penalty,
             n.GEN_AI_REQUEST_FREQUENCY_PENALTY: params.frequency_penalty,
         }
+        if params.max_tokens != MAX_TOKENS_UNSET:  # unset: the server's default applies
+            attributes[n.GEN_AI_REQUEST_MAX_TOKENS] = params.max_tokens
         if params.top_k > 0:  # -1: no top-k
             attributes[n.GEN_AI_REQUEST_TOP_K] = params.top_k
         if params.seed is not None:
@@ -183,6 +185,19 @@ class NoTrace:
 
 
 NO_TRACE = NoTrace()
+
+
+class UntracedHttp(NoTrace):
+    """An untraced HTTP request: only the status it was answered with, for the request
+    counter (``RpcTrace.http_status`` is the traced one's)."""
+
+    __slots__ = ("http_status",)
+
+    def __init__(self) -> None:
+        self.http_status: int | None = 200
+
+    def respond(self, status: int, details: str | None = None) -> None:
+        self.http_status = status
 
 
 # A cancel this close to the call's deadline is the deadline: the client's own timer fires and
@@ -261,7 +276,7 @@ def http_span(
         attributes={n.HTTP_REQUEST_METHOD: method, n.HTTP_ROUTE: route, n.URL_SCHEME: scheme},
     )
     if not span.is_recording():
-        yield NO_TRACE
+        yield UntracedHttp()  # not sampled: the status is still counted
         return
     trace = RpcTrace(span, request_id, post, http=True)
     try:

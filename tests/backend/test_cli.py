@@ -98,4 +98,4 @@ def test_the_top_level_lists_every_command() -> None:
     text = parser.format_help()
     for command in _subparsers(parser):
         assert f"\n    {command} " in text, command
-    assert {"serve", "generate", "chat", "bench", "worker"} <= set(_subparsers(parser))
+    assert {"serve", "generate", "chat", "bench", "traces", "worker"} <= set(_subparsers(parser))

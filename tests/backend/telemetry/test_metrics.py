@@ -147,6 +147,62 @@ def test_rpcs_are_counted_by_status_refusals_included(server: BackgroundServer) 
     assert diff(after, before, finished, model, finish_reason="length") == 2
 
 
+def test_kserve_and_http_requests_are_counted_alike(server: BackgroundServer) -> None:
+    """Every front counts in the same series: KServe RPCs by method and gRPC code, OpenAI
+    HTTP requests by route and the gRPC code their HTTP status stands for."""
+    import json
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from openai import BadRequestError, OpenAI
+
+    model = server.state.served_model_name
+
+    def count(samples: Samples, method: str, code: str) -> float:
+        labels = {"model_name": model, "method": method, "code": code}
+        return samples.get(("pagedserve_requests_total", tuple(sorted(labels.items()))), 0.0)
+
+    def kserve_inputs(params: dict[str, object]) -> list[grpcclient.InferInput]:
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"Hello"], dtype=np.object_))
+        sampling = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+        sampling.set_data_from_numpy(np.array([json.dumps(params).encode()], dtype=np.object_))
+        return [text, sampling]
+
+    before = scrape(server)
+    with grpcclient.InferenceServerClient(server.address) as triton:
+        triton.infer(model, kserve_inputs({"max_tokens": 2}))
+        with pytest.raises(grpcclient.InferenceServerException):
+            triton.infer(model, kserve_inputs({"max_tokens": 0}))
+    openai = OpenAI(base_url=f"http://{server.http_address}/v1", api_key="unused", max_retries=0)
+    openai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    with pytest.raises(BadRequestError):
+        openai.completions.create(model=model, prompt="Hi", max_tokens=0)
+    openai.close()
+    after = scrape(server)
+
+    def delta(method: str, code: str) -> float:
+        return count(after, method, code) - count(before, method, code)
+
+    assert delta("ModelInfer", "OK") == 1 and delta("ModelInfer", "INVALID_ARGUMENT") == 1
+    assert delta("/v1/chat/completions", "OK") == 1
+    assert delta("/v1/completions", "INVALID_ARGUMENT") == 1
+
+
+def test_http_statuses_map_back_to_the_codes_they_came_from() -> None:
+    """The request counter's HTTP-to-gRPC table inverts the OpenAI front's gRPC-to-HTTP one."""
+    from pagedserve.backend.server.openai.errors import _HTTP_STATUS
+    from pagedserve.backend.telemetry.server_telemetry import grpc_code_of_http_status
+
+    for code, status in _HTTP_STATUS.items():
+        assert grpc_code_of_http_status(int(status)) is code
+    assert grpc_code_of_http_status(200) is grpc.StatusCode.OK
+    assert grpc_code_of_http_status(None) is grpc.StatusCode.CANCELLED
+    assert grpc_code_of_http_status(418) is grpc.StatusCode.UNKNOWN
+
+
 def test_the_process_metrics_are_on_the_same_endpoint(server: BackgroundServer) -> None:
     names = {name for name, _ in scrape(server)}
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names

@@ -242,6 +242,17 @@ def test_refused_request_ends_at_once_without_phases(fresh: TracedServer) -> Non
     assert steps_linking(spans, server_span) == []
 
 
+def test_an_unset_max_tokens_is_not_recorded_as_a_request_attribute(fresh: TracedServer) -> None:
+    """The client sent no max_tokens: the span says nothing it did not ask for (the server's
+    default still bounds the output)."""
+    with GenerationClient(fresh.address) as client:
+        reply = client.complete("Hello", ignore_eos=True)
+    assert reply.usage.completion_tokens > 0
+    server_span = _one(fresh.spans(servers=1), COMPLETE)
+    assert "gen_ai.request.max_tokens" not in server_span.attributes
+    assert server_span.attributes["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens
+
+
 def test_concurrent_requests_share_steps_through_links(fresh_either: TracedServer) -> None:
     fresh = fresh_either
     count = 4
