@@ -30,7 +30,7 @@ EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MODEL_HINT = (
     "--model takes a local Hugging Face model directory with config.json, tokenizer files and "
-    "*.safetensors; leave it out for the embedded default model"
+    "*.safetensors, or a .gguf file; leave it out for the embedded default model"
 )
 # What a model-loading error says when --model points at the wrong place.
 _PATH_WORDS = ("directory", "config.json", "tokenizer", "safetensors")
@@ -41,7 +41,8 @@ _ENGINE_SECTIONS = [type(s) for s in EngineConfig().sections()[1:]]
 _SKIP_FIELDS = {"hf_overrides"}
 # Each engine flag's help; its default is the dataclass's, shown beside it.
 ENGINE_FLAG_HELP: Mapping[str, str] = {
-    "model": "local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct, "
+    "model": "local Hugging Face model directory, or a .gguf file of a Llama, Qwen2 or Qwen3 "
+    "model (dequantized once under --cache-dir) (default: the embedded SmolLM2-135M-Instruct, "
     "a Q4_1 GGUF dequantized once to float32 safetensors under --cache-dir)",
     "served_model_name": "the name clients address the model by (default: the directory's name)",
     "load_format": "auto: safetensors, else PyTorch .bin files; dummy: random weights (tests)",

@@ -27,7 +27,7 @@ from transformers import (
 
 from pagedserve.backend.config import DEFAULT_MODEL_NAME, ModelConfig
 from pagedserve.backend.errors import ModelLoadError
-from pagedserve.backend.models.default_model import default_model_dir
+from pagedserve.backend.models.default_model import default_model_dir, gguf_model_dir
 from pagedserve.backend.models.interface import CausalLM
 from pagedserve.backend.models.layer_context import LayerContext
 from pagedserve.backend.models.layers import FullShapes, RMSNorm, ShardedLinear
@@ -47,6 +47,8 @@ _BIN_FILE = "pytorch_model.bin"
 # Standard deviation of dummy weights when the config names none.
 _DEFAULT_INIT_STD = 0.02
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# A --model file with this suffix is a GGUF checkpoint (dequantized once, then a directory).
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass
@@ -121,6 +123,8 @@ def load_model(
         name = model_config.served_model_name
     elif model_config.model is None and model_dir is not None:
         name = DEFAULT_MODEL_NAME
+    elif model_config.model is not None and model_config.model.endswith(GGUF_SUFFIX):
+        name = Path(model_config.model).stem
     elif model_dir is not None:
         name = model_dir.name
     else:
@@ -151,10 +155,13 @@ def _model_dir(model_config: ModelConfig) -> Path | None:
             return None
         return default_model_dir(model_config.cache_dir)
     path = Path(model_config.model).expanduser()
+    if path.suffix == GGUF_SUFFIX and path.is_file():
+        return gguf_model_dir(path, model_config.cache_dir)
     if not path.is_dir():
         raise ModelLoadError(
-            f"model path {model_config.model!r} is not a directory (pagedserve loads local "
-            "Hugging Face model directories only; it does not download from the hub)"
+            f"model path {model_config.model!r} is not a directory or a .gguf file (pagedserve "
+            "loads local Hugging Face model directories and GGUF files; it does not download "
+            "from the hub)"
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory {path} has no config.json")
