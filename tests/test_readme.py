@@ -105,6 +105,10 @@ BLOCKS: dict[str, tuple[str, ...]] = {
     "pagedserve serve --ssl-certfile": ("test_commands_parse",),
     'GenerationClient("llm.example:8001"': ("test_tls_snippet_calls_match_the_signatures",),
     "pagedserve serve --api-key-file": ("test_commands_parse",),
+    # The tracing section: three terminals (run end to end, with free ports, by
+    # tests/backend/telemetry/test_trace_viewer.py), then what the first one prints.
+    "pagedserve traces  ": ("test_commands_parse", "test_trace_commands_meet_on_one_port"),
+    "trace f84650cfa9284e091015f0c085d090f6": ("test_the_trace_sample_is_what_the_viewer_prints",),
 }
 
 # The blocks whose commands take what the README leaves abstract or run for minutes.
@@ -363,6 +367,53 @@ def test_commands_parse(key: str) -> None:
             assert name == SERVER_API_KEY_ENV == CLIENT_API_KEY_ENV, name
         else:
             raise AssertionError(f"no check for {shlex.join(argv)}")
+
+
+def test_trace_commands_meet_on_one_port() -> None:
+    """The viewer's default port is the one the serve line exports to."""
+    traces, serve, generate = shell_commands(block("pagedserve traces  ").text)
+    endpoint = parses(serve).otlp_traces_endpoint
+    assert endpoint == f"http://127.0.0.1:{parses(traces).port}"
+    assert parses(generate).server == f"127.0.0.1:{GRPC_PORT}"
+
+
+def test_the_trace_sample_is_what_the_viewer_prints() -> None:
+    """Each line of the sample is what ``TracePrinter`` prints for such a span: the tree of the
+    sample's names, durations and attributes (the root's cut short with ``...``) printed anew
+    equals it."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from pagedserve.backend.telemetry.trace_viewer import TracePrinter
+
+    lines = block("trace f84650cfa9284e091015f0c085d090f6").text.splitlines()
+    trace_id = bytes.fromhex(lines[0].removeprefix("trace "))
+    spans = []
+    for number, line in enumerate(lines[1:], start=1):
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name, *rest = line.strip().split("  ")
+        kind = Span.SPAN_KIND_SERVER if rest[0] == "SERVER" else Span.SPAN_KIND_INTERNAL
+        rest = rest[1:] if rest[0] == "SERVER" else rest
+        ms = float(rest[0].removesuffix(" ms"))
+        span = Span(name=name, trace_id=trace_id, span_id=number.to_bytes(8, "big"),
+                    start_time_unix_nano=number, end_time_unix_nano=number + int(ms * 1e6),
+                    kind=kind)
+        if depth:
+            span.parent_span_id = (1).to_bytes(8, "big")
+        for pair in rest[1:]:
+            if pair == "...":
+                continue
+            key, value = pair.split("=", 1)
+            attribute = span.attributes.add(key=key)
+            if value.isdigit():
+                attribute.value.int_value = int(value)
+            else:
+                attribute.value.string_value = value
+        spans.append(span)
+    out = io.StringIO()
+    assert TracePrinter(out).add(spans[1:] + spans[:1]) == 1
+    printed = out.getvalue().splitlines()
+    assert printed[0] == lines[0] and printed[2:] == lines[2:]
+    assert lines[1].endswith("  ...") and printed[1].startswith(lines[1].removesuffix("  ..."))
 
 
 def test_documented_ports_are_the_defaults() -> None:
