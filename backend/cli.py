@@ -78,6 +78,11 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "leaves, so it never fails for a value the client did not send",
     "max_stop_strings": "stop strings one request may give",
     "max_stop_string_chars": "longest stop string",
+    "speculative_method": "speculative decoding: ngram (prompt lookup) proposes draft tokens "
+    "that one target forward verifies (greedy requests; default: off)",
+    "num_speculative_tokens": "draft tokens proposed per request and step",
+    "prompt_lookup_min": "ngram: the shortest suffix looked up in the sequence",
+    "prompt_lookup_max": "ngram: the longest suffix looked up in the sequence",
 }
 
 
@@ -108,11 +113,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                 from pagedserve.backend.config import DType
 
                 group.add_argument(flag, choices=get_args(DType), **helped)
+            elif kind == "SpeculativeMethod | None":
+                from pagedserve.backend.config import SpeculativeMethod
+
+                group.add_argument(flag, choices=get_args(SpeculativeMethod), **helped)
             else:
                 group.add_argument(flag, **helped)
     parser.add_argument(
         "--no-cuda-graphs", dest="enable_cuda_graphs", action="store_false", default=True,
         help="run decode batches eagerly instead of replaying captured CUDA graphs",
+    )
+    parser.add_argument(
+        "--speculative-config", type=_speculative_config, metavar="JSON",
+        help='speculative decoding as one JSON object, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}\' '
+        "(the same as the --speculative-* and --prompt-lookup-* flags; it wins over them)",
     )
     parser.add_argument(
         "--overlap-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -134,8 +149,48 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kwargs[f.name] = value
     kwargs["enable_cuda_graphs"] = args.enable_cuda_graphs
     kwargs["overlap_scheduling"] = args.overlap_scheduling
+    kwargs.update(getattr(args, "speculative_config", None) or {})
     check_device_available(kwargs.get("device", "auto"))
     return EngineConfig.from_kwargs(**kwargs)
+
+
+# --speculative-config's keys (vLLM's names) -> the engine options they set.
+SPECULATIVE_CONFIG_KEYS: Mapping[str, str] = {
+    "method": "speculative_method",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "prompt_lookup_min": "prompt_lookup_min",
+    "prompt_lookup_max": "prompt_lookup_max",
+}
+
+
+def _speculative_config(text: str) -> dict[str, Any]:
+    """--speculative-config's JSON object as engine options, every key and value checked."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    unknown = sorted(set(value) - set(SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown keys {', '.join(unknown)} (known: {', '.join(SPECULATIVE_CONFIG_KEYS)})"
+        )
+    options: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "method":
+            from pagedserve.backend.config import SpeculativeMethod
+
+            if item not in get_args(SpeculativeMethod):
+                raise argparse.ArgumentTypeError(
+                    f"method must be one of {', '.join(get_args(SpeculativeMethod))}, got {item!r}"
+                )
+        elif not isinstance(item, int) or isinstance(item, bool) or item < 1:
+            raise argparse.ArgumentTypeError(f"{key} must be a positive integer, got {item!r}")
+        options[SPECULATIVE_CONFIG_KEYS[key]] = item
+    return options
 
 
 class DeviceUnavailableError(PagedServeError, ValueError):

@@ -95,6 +95,24 @@ class ParallelConfig:
     worker_heartbeat_timeout_s: float = 30.0
 
 
+SpeculativeMethod = Literal["ngram"]
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (``backend/spec_decode``): off unless a method is named.
+
+    ``ngram`` is prompt lookup: the drafts are what followed the latest earlier occurrence of
+    the sequence's last ``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens; one target
+    forward verifies up to ``num_speculative_tokens`` of them per request.
+    """
+
+    speculative_method: SpeculativeMethod | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+
+
 @dataclass
 class RequestLimits:
     """Bounds on one request, checked once at admission (a request over one is refused with a
@@ -130,6 +148,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     # CUDA graphs for decode batches; ignored on CPU.
     enable_cuda_graphs: bool = True
     # Queue step N+1 on the device before step N's ids reach the host (see engine/core.py). None:
@@ -149,7 +168,10 @@ class EngineConfig:
 
     def sections(self) -> list[Any]:
         """This config and each of its sections: the flat option names live in these."""
-        return [self, self.model, self.cache, self.scheduler, self.parallel, self.limits]
+        return [
+            self, self.model, self.cache, self.scheduler, self.parallel, self.limits,
+            self.speculative,
+        ]
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

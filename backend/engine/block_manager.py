@@ -287,6 +287,22 @@ class BlockManager:
         self.block_table.append(request, held)
         return True
 
+    def discard_tail(self, request: Request, num_tokens: int) -> None:
+        """Give back the request's blocks past its first ``num_tokens`` tokens: those that held
+        only draft tokens the target model rejected. Such blocks were allocated for the step
+        that verified them and never registered (registration stops at the known tokens)."""
+        keep = self.blocks_needed(num_tokens)
+        tail = request.block_ids[keep:]
+        if not tail:
+            return
+        for block_id in reversed(tail):
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.block_hash is None, f"block {block_id} is shared"
+            block.ref_count = 0
+            self._free[block_id] = None
+        del request.block_ids[keep:]
+        self.block_table.table[request.table_row, keep : keep + len(tail)] = 0
+
     def free(self, request: Request) -> None:
         """Release the request's blocks and its table row; tail blocks are queued first so
         they are evicted before the shared prefix blocks. Its hashes stay with the request (a

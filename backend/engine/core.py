@@ -66,6 +66,7 @@ from pagedserve.backend.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.backend.errors import EngineDeadError
 from pagedserve.backend.models.layers import kv_attention_window
 from pagedserve.backend.runner.model_runner import LaunchedStep, ModelRunner
+from pagedserve.backend.spec_decode.proposer import build_proposer
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,12 @@ class EngineCore:
             # On the CPU the host and the "device" are the same cores. With tensor parallelism
             # it is opt-in until measured on NCCL (its logic is tested over gloo).
             overlap = on_cuda and config.parallel.tensor_parallel_size == 1
+        self.proposer = build_proposer(config.speculative)
+        if self.proposer is not None and overlap:
+            # A verified step changes how many tokens its requests have computed, which the
+            # next step, scheduled while it runs, would have to know.
+            logger.info("speculative decoding: overlapped scheduling is off")
+            overlap = False
         self.overlap = overlap
         eos_token_ids = frozenset(loaded.eos_token_ids)
         self.model_info = ModelInfo(
@@ -259,9 +266,42 @@ class EngineCore:
         self._in_flight = following
         return deltas
 
+    def _propose_drafts(self) -> None:
+        """Draft tokens for the running requests that decode greedily next, for their step to
+        verify. Requests whose next token depends on more than the argmax (sampling,
+        penalties, a logit bias, logprobs, min_tokens still banning the end) decode one token
+        at a time, in the same steps."""
+        assert self.proposer is not None
+        eligible = []
+        for req in self.scheduler.running:
+            req.draft_token_ids = []
+            params = req.params
+            if (
+                params.temperature == 0.0
+                and not params.has_penalties
+                and not params.logit_bias
+                and params.logprobs is None
+                and len(req.output_token_ids) >= params.min_tokens
+                and not req.num_in_flight
+                and req.num_computed_tokens == req.num_tokens - 1
+            ):
+                eligible.append(req)
+        if not eligible:
+            return
+        proposals = self.proposer.propose([req.all_token_ids for req in eligible])
+        for req, drafts in zip(eligible, proposals):
+            # No draft past max_tokens (the last token is the target's own) or the context.
+            room = min(
+                req.params.max_tokens - len(req.output_token_ids) - 1,
+                self.max_model_len - req.num_tokens,
+            )
+            req.draft_token_ids = drafts[: max(0, room)]
+
     def _launch(self) -> tuple[_InFlight | None, list[RequestOutputDelta]]:
         """Schedule and queue a step; on failure, finish its requests and return their deltas."""
         start = time.time()
+        if self.proposer is not None:
+            self._propose_drafts()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None, []
@@ -315,23 +355,50 @@ class EngineCore:
         self.scheduler.landed(step.sched, step.computed_after)
         deltas: list[RequestOutputDelta] = []
         now = time.time()
-        samplers = step.sched.samplers
-        for req, token_id, logprob in zip(samplers, result.token_ids, result.logprobs):
-            if req.is_finished:  # aborted, or it stopped a step earlier: a wasted token
+        row = 0
+        for s in step.sched.scheduled:
+            if not s.samples:
                 continue
-            try:
-                if req.times.first_token is None:
-                    req.times.first_token = now
-                delta = self.output.process_token(req, token_id, logprob)
-            except Exception as exc:  # e.g. detokenization: fail this request only
-                logger.exception("output processing failed for request %s", req.request_id)
-                deltas.append(self._finish(req, FinishReason.ERROR, f"output processing failed: {exc}"))
+            req, rows = s.request, 1 + s.num_drafts
+            token_ids = result.token_ids[row : row + rows]
+            logprobs = result.logprobs[row : row + rows]
+            row += rows
+            if req.is_finished:  # aborted, or it stopped a step earlier: wasted tokens
                 continue
-            if delta.finished:
-                self._release(req, delta)
-            deltas.append(delta)
+            if s.num_drafts:
+                token_ids = self._verified(req, s.num_drafts, token_ids)
+            for token_id, logprob in zip(token_ids, logprobs):
+                try:
+                    if req.times.first_token is None:
+                        req.times.first_token = now
+                    delta = self.output.process_token(req, token_id, logprob)
+                except Exception as exc:  # e.g. detokenization: fail this request only
+                    logger.exception("output processing failed for request %s", req.request_id)
+                    deltas.append(self._finish(req, FinishReason.ERROR, f"output processing failed: {exc}"))
+                    break
+                if delta.finished:
+                    self._release(req, delta)
+                deltas.append(delta)
+                if delta.finished:
+                    break
         step.info.end = time.time()
         return deltas
+
+    def _verified(self, req: Request, num_drafts: int, target_ids: list[int]) -> list[int]:
+        """The tokens a verified step emits: the drafts the target's argmax agreed with, in
+        order up to the first disagreement, then the target's own token there (or after the
+        last draft). The K/V computed for the rejected drafts is dropped: the request's
+        computed count moves back and blocks that only they used are given back."""
+        drafts = req.draft_token_ids[:num_drafts]
+        accepted = 0
+        while accepted < num_drafts and drafts[accepted] == target_ids[accepted]:
+            accepted += 1
+        req.num_draft_tokens += num_drafts
+        req.num_accepted_tokens += accepted
+        req.draft_token_ids = []
+        req.num_computed_tokens -= num_drafts - accepted
+        self.block_manager.discard_tail(req, req.num_computed_tokens)
+        return target_ids[: accepted + 1]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def get_load(self) -> LoadInfo:

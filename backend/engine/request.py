@@ -152,6 +152,12 @@ class Request:
     # That request once the core has found it live (never sent over the wire).
     prompt_source: Request | None = None
 
+    # -- speculative decoding (set by the core before a step; see backend/spec_decode) --------
+    # The tokens proposed to follow its last known one, verified by its next step.
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # proposed and verified, over the request's life
+    num_accepted_tokens: int = 0  # of those, the ones the target model agreed with
+
     # -- KV cache (written by the BlockManager only) -----------------------------------------
     # Position i // block_size's block; ``RELEASED_BLOCK`` for the leading blocks that fell out
     # of the model's attention window (``num_released_blocks`` of them).

@@ -51,6 +51,9 @@ class ScheduledRequest:
     num_new_tokens: int
     # True when this step computes the request's last known token, so a new one is sampled.
     samples: bool
+    # Of the new tokens, the last ``num_drafts`` are the request's draft tokens: the step
+    # samples after its known token and after each draft (``1 + num_drafts`` rows).
+    num_drafts: int = 0
 
 
 @dataclass
@@ -70,10 +73,10 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
-    def add(self, request: Request, num_new_tokens: int, samples: bool) -> None:
-        self.scheduled.append(ScheduledRequest(request, num_new_tokens, samples))
+    def add(self, request: Request, num_new_tokens: int, samples: bool, num_drafts: int = 0) -> None:
+        self.scheduled.append(ScheduledRequest(request, num_new_tokens, samples, num_drafts))
         if samples:
-            self.samplers.append(request)
+            self.samplers.extend([request] * (1 + num_drafts))
 
 
 def _reaches_max_tokens(req: Request) -> bool:
@@ -158,6 +161,11 @@ class Scheduler:
                 continue
             expected = req.num_tokens_with_in_flight
             n = min(expected - req.num_computed_tokens, budget)
+            # Drafts ride on a decode (its known token's row first), as many as the budget has.
+            drafts = 0
+            if req.draft_token_ids and n == expected - req.num_computed_tokens == 1:
+                drafts = min(len(req.draft_token_ids), budget - 1)
+                n += drafts
             bm.release_out_of_window(req)
             while not bm.allocate_slots(req, n):
                 victim = self.running.pop()
@@ -166,7 +174,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.add(req, n, req.num_computed_tokens + n == expected)
+                out.add(req, n, req.num_computed_tokens + n - drafts == expected, drafts)
                 budget -= n
                 i += 1
 
@@ -233,6 +241,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)
+        req.draft_token_ids = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1

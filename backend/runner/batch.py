@@ -134,7 +134,10 @@ def build_step_inputs(sched: SchedulerOutput) -> StepInputs:
         start = req.num_computed_tokens
         end = start + n
         known = req.num_tokens
-        if end > known:  # its last input is the token the step in flight samples
+        if s.num_drafts:  # a decode and its drafts: the known token, then the guesses
+            ids.append(req.token_at(start))
+            ids.extend(req.draft_token_ids[: s.num_drafts])
+        elif end > known:  # its last input is the token the step in flight samples
             if end != known + 1 or not req.num_in_flight:
                 raise RuntimeError(f"request {req.request_id}: input token {start} is unknown")
             if start < known:
@@ -151,9 +154,10 @@ def build_step_inputs(sched: SchedulerOutput) -> StepInputs:
             max_blocks = len(req.block_ids)
         query_lens.append(n)
         seq_lens.append(end)
-        if s.samples:
-            sample_rows.append(len(ids) - 1)
-            sample_slots.append(req.table_row)
+        if s.samples:  # after the known token and after each draft
+            for row in range(len(ids) - 1 - s.num_drafts, len(ids)):
+                sample_rows.append(row)
+                sample_slots.append(req.table_row)
     batch = StepBatch(
         input_ids=np.asarray(ids, dtype=np.int64),
         query_lens=np.asarray(query_lens, dtype=np.int32),

@@ -1,20 +1,26 @@
 """Draft-token proposers: the seam speculative decoding plugs into.
 
-A proposer looks at a decoding request's tokens and guesses the next few. How the engine uses
-the guesses (not wired yet):
+A proposer looks at a decoding request's tokens and guesses the next few. The engine
+(``engine/core.py``) uses the guesses for greedy requests:
 
-1. after a step's ids land, the core asks the proposer for drafts of the requests that decode
-   next and keeps them on each ``Request``;
+1. before a step is scheduled, the core asks the proposer for drafts of the running requests
+   that decode greedily next (no penalties, logit bias, logprobs or pending min_tokens) and
+   keeps them on each ``Request``;
 2. the scheduler gives such a request ``1 + len(drafts)`` new tokens (its known token, then
-   the drafts) and the block manager room for them;
-3. the runner's batch marks every position of those tokens as a sample row, the target model
-   scores them in one forward (the varlen attention path already takes multi-token queries over
-   a cached prefix), and the sampler verifies: greedy accepts drafts while they equal the
-   target's argmax; sampled requests use rejection sampling, so the output distribution is the
-   target's exactly;
-4. the accepted prefix plus one target token become the step's output; K/V written for
-   rejected positions are dropped by moving the request's computed count back (and freeing a
-   block that only they used).
+   the drafts), as many drafts as the token budget has room for, and the block manager room
+   for them;
+3. the step's batch samples after the known token and after each draft: the target model
+   scores them all in one forward (the varlen attention path takes multi-token queries over a
+   cached prefix; such a step runs eagerly, outside the decode CUDA graphs);
+4. the drafts the target's argmax agrees with, up to the first disagreement, plus the target's
+   own token there are the step's output, processed one by one (a stop string or max_tokens
+   may end the request inside them); the K/V written for rejected drafts is dropped by moving
+   the request's computed count back and giving back the blocks only they used. They never
+   reach the prefix cache, which registers known tokens only.
+
+Overlapped scheduling is off while speculating: the next step would have to be scheduled
+before this one says how many tokens it accepted. Sampled requests (rejection sampling
+against a draft distribution) and a draft-model proposer are not wired yet.
 
 Proposers that need no trained extra weights: n-gram prompt lookup (below) and a small draft
 model with its own KV cache; EAGLE- and MTP-style heads fit the same interface, reading the
@@ -25,7 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
+
+from pagedserve.backend.config import SpeculativeConfig, SpeculativeMethod
 
 
 class Proposer(Protocol):
@@ -53,7 +61,9 @@ class NgramProposer:
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.min_n <= self.max_n:
-            raise ValueError(f"need 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
+            raise ValueError(
+                f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.min_n} and {self.max_n}"
+            )
 
     def propose(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
         return [self._lookup(list(tokens)) for tokens in token_ids]
@@ -66,3 +76,17 @@ class NgramProposer:
                 if tokens[start : start + n] == tail:
                     return tokens[start + n : start + n + self.num_speculative_tokens]
         return []
+
+
+def build_proposer(config: SpeculativeConfig) -> Proposer | None:
+    """The configured proposer, or None when speculative decoding is off."""
+    if config.speculative_method is None:
+        return None
+    if config.speculative_method == "ngram":
+        return NgramProposer(
+            config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
+        )
+    raise ValueError(
+        f"speculative method must be one of {', '.join(get_args(SpeculativeMethod))}, "
+        f"got {config.speculative_method!r}"
+    )

@@ -48,5 +48,5 @@ def test_matches_the_brute_force_lookup_on_random_sequences(seed: int) -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         NgramProposer(num_speculative_tokens=0)
-    with pytest.raises(ValueError, match="min_n"):
+    with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
         NgramProposer(num_speculative_tokens=2, min_n=4, max_n=3)
