@@ -305,10 +305,10 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None, []
-        decode_tokens = 0  # a token at a position past the prompt is a decode
+        decode_tokens = 0  # a token at a position past the prompt is a decode (drafts too)
         for s in sched.scheduled:
             if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
-                decode_tokens += 1
+                decode_tokens += 1 + s.num_drafts
         info = StepInfo(
             start=start,
             end=start,
