@@ -35,6 +35,9 @@ class Terminal:
         pid, fd = pty.fork()
         if pid == 0:  # the child: become the command at once
             env = {**os.environ, "TERM": "dumb"}
+            # Ctrl-C as an interactive shell leaves it: a suite started as a background job
+            # (`make test &`) runs with SIGINT ignored, which every child would inherit.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, "-m", "pagedserve.backend.cli", *args], env)
         self.pid, self.fd = pid, fd
         self.unread = ""

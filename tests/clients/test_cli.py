@@ -202,10 +202,17 @@ def test_a_turn_too_long_alone_is_reported_with_the_fix() -> None:
     assert TRIMMED_NOTE not in notes  # other refusals are not a length to trim
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_generate_with_130_and_no_traceback(tiny_server: BackgroundServer) -> None:
     command = [sys.executable, "-m", "pagedserve.backend.cli", "generate", "--server",
                tiny_server.address, "--max-tokens", "900", "--temperature", "0", "Hi"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+    # SIGINT as an interactive shell leaves it: a suite started as a background job
+    # (`make test &`) runs with it ignored, which the command would inherit.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=_default_sigint) as process:
         assert process.stdout is not None and process.stdout.read(1)  # the reply has begun
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
