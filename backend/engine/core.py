@@ -376,10 +376,9 @@ class EngineCore:
                     logger.exception("output processing failed for request %s", req.request_id)
                     deltas.append(self._finish(req, FinishReason.ERROR, f"output processing failed: {exc}"))
                     break
-                if delta.finished:
-                    self._release(req, delta)
                 deltas.append(delta)
                 if delta.finished:
+                    self._release(req, delta)
                     break
         step.info.end = time.time()
         return deltas
